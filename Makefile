@@ -1,0 +1,61 @@
+# kubesight: `make up` sets this machine up and runs everything locally; `make test` sets up
+# and runs the whole suite. Both are idempotent: each step leaves a stamp and is skipped the
+# second time unless its inputs changed.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := .state
+KAFKA_VERSION ?= 3.9.1
+KAFKA_LIBS := .cache/kafka-$(KAFKA_VERSION)/libs
+
+APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool libelf-dev zlib1g-dev make gcc \
+	maven openjdk-17-jre-headless nginx-light wrk curl iptables iproute2 python3-venv
+
+.PHONY: setup up test bpf kafka venv apt clean lint bench
+
+setup: apt venv bpf kafka
+
+up: setup
+	$(VENV)/bin/kubesight up
+
+test: setup
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check kubesight probe streams sinks schemas tests bench
+
+bench: setup
+	$(PY) -m bench.run
+
+apt: $(STAMPS)/apt
+$(STAMPS)/apt: Makefile
+	@mkdir -p $(STAMPS)
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo ">> installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@touch $@
+
+venv: $(STAMPS)/venv
+$(STAMPS)/venv: pyproject.toml
+	@mkdir -p $(STAMPS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+bpf: apt
+	$(MAKE) -s -C bpf
+
+kafka: $(KAFKA_LIBS)/.complete
+$(KAFKA_LIBS)/.complete: deploy/kafka/pom.xml
+	@echo ">> fetching Apache Kafka $(KAFKA_VERSION) jars from Maven Central"
+	mvn -q -B -f deploy/kafka/pom.xml -Dkafka.version=$(KAFKA_VERSION) \
+		dependency:copy-dependencies -DoutputDirectory=$(CURDIR)/$(KAFKA_LIBS) -DincludeScope=runtime
+	@touch $@
+
+clean:
+	$(MAKE) -s -C bpf clean
+	rm -rf $(STAMPS)

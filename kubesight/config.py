@@ -1,0 +1,298 @@
+"""kubesight configuration: one YAML file, environment overrides, strict validation.
+
+Every section is a frozen dataclass. Loading walks the YAML mapping against the dataclass
+fields, so an unknown key or a value of the wrong type is rejected with a message that names
+the full dotted key (``kafka.bootstrap_server: unknown key (did you mean 'bootstrap_servers'?)``).
+
+Environment overrides use ``KUBESIGHT_<SECTION>__<KEY>`` (double underscore between levels),
+e.g. ``KUBESIGHT_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or ``KUBESIGHT_STREAMS__WINDOW_SECONDS=2``.
+Values given in the environment are parsed as YAML scalars, so numbers and booleans work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import socket
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "KUBESIGHT_"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names the key."""
+
+
+def _default_state_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/kubesight"
+    return str(Path.home() / ".local" / "state" / "kubesight")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalBrokerConfig:
+    """The single-node KRaft broker that `kubesight up` runs when no cluster is configured."""
+
+    version: str = "3.9.1"
+    host: str = "127.0.0.1"
+    port: int = 9092
+    controller_port: int = 9093
+    heap: str = "768m"
+    jars_dir: str = ""  # empty: <repo>/.cache/kafka-<version>/libs (filled by `make kafka`)
+
+
+@dataclasses.dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap_servers: str = ""  # empty: run the local broker
+    security_protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password: str = ""
+    ssl_ca_location: str = ""
+    topic_prefix: str = "kubesight."
+    partitions: int = 4
+    replication_factor: int = 1
+    local: LocalBrokerConfig = dataclasses.field(default_factory=LocalBrokerConfig)
+
+    def __post_init__(self) -> None:
+        allowed = {"PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"}
+        if self.security_protocol not in allowed:
+            raise ConfigError(
+                f"kafka.security_protocol: {self.security_protocol!r} is not one of "
+                f"{sorted(allowed)}"
+            )
+        if self.partitions < 1:
+            raise ConfigError(f"kafka.partitions: must be >= 1, got {self.partitions}")
+        if self.replication_factor < 1:
+            raise ConfigError(
+                f"kafka.replication_factor: must be >= 1, got {self.replication_factor}"
+            )
+
+    @property
+    def uses_local_broker(self) -> bool:
+        return not self.bootstrap_servers
+
+    @property
+    def bootstrap(self) -> str:
+        return self.bootstrap_servers or f"{self.local.host}:{self.local.port}"
+
+    def librdkafka(self) -> dict[str, str]:
+        """Client settings shared by every confluent-kafka client kubesight creates."""
+        conf = {"bootstrap.servers": self.bootstrap, "security.protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+            conf["sasl.username"] = self.sasl_username
+            conf["sasl.password"] = self.sasl_password
+        if self.ssl_ca_location:
+            conf["ssl.ca.location"] = self.ssl_ca_location
+        return conf
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    capture_bytes: int = 4096  # payload prefix captured per read/write (power of two)
+    ringbuf_bytes: int = 16 * 1024 * 1024
+    poll_interval_ms: int = 10  # events are submitted without wakeup; we poll on this timer
+    batch_max_events: int = 512  # events per Kafka message (one connection per message)
+    flush_interval_ms: int = 100
+    health_interval_s: float = 5.0
+    exclude_comms: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        cap = self.capture_bytes
+        if cap < 64 or cap > 16384 or cap & (cap - 1):
+            raise ConfigError(f"probe.capture_bytes: must be a power of two in 64..16384, got {cap}")
+        rb = self.ringbuf_bytes
+        if rb < 4096 or rb & (rb - 1):
+            raise ConfigError(f"probe.ringbuf_bytes: must be a power of two >= 4096, got {rb}")
+        if self.batch_max_events < 1:
+            raise ConfigError(f"probe.batch_max_events: must be >= 1, got {self.batch_max_events}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamsConfig:
+    window_seconds: int = 10
+    # A window is emitted once the wall clock is this far past its end; late records reopen it
+    # and are emitted as a further delta, so counters stay exact.
+    grace_seconds: float = 2.0
+    slow_threshold_ms: Mapping[str, float] = dataclasses.field(
+        default_factory=lambda: {"http": 500.0}
+    )
+    default_slow_threshold_ms: float = 500.0
+    take_max: int = 200  # Kafka messages per batch an agent takes at once
+    take_within_s: float = 0.05
+    web_port: int = 6066
+    app_id: str = "kubesight"
+
+    def __post_init__(self) -> None:
+        if self.window_seconds < 1:
+            raise ConfigError(f"streams.window_seconds: must be >= 1, got {self.window_seconds}")
+        if self.grace_seconds < 0:
+            raise ConfigError(f"streams.grace_seconds: must be >= 0, got {self.grace_seconds}")
+        for proto, ms in self.slow_threshold_ms.items():
+            if not isinstance(ms, int | float) or ms <= 0:
+                raise ConfigError(f"streams.slow_threshold_ms.{proto}: must be > 0, got {ms!r}")
+
+    def slow_threshold_ns(self, protocol: str) -> int:
+        ms = self.slow_threshold_ms.get(protocol, self.default_slow_threshold_ms)
+        return int(ms * 1_000_000)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrometheusSinkConfig:
+    enabled: bool = True
+    listen: str = "127.0.0.1:9464"
+
+
+@dataclasses.dataclass(frozen=True)
+class SinksConfig:
+    prometheus: PrometheusSinkConfig = dataclasses.field(default_factory=PrometheusSinkConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    node_name: str = dataclasses.field(default_factory=socket.gethostname)
+    state_dir: str = dataclasses.field(default_factory=_default_state_dir)
+    log_level: str = "info"
+    kafka: KafkaConfig = dataclasses.field(default_factory=KafkaConfig)
+    probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
+    streams: StreamsConfig = dataclasses.field(default_factory=StreamsConfig)
+    sinks: SinksConfig = dataclasses.field(default_factory=SinksConfig)
+
+    def __post_init__(self) -> None:
+        levels = {"debug", "info", "warning", "error"}
+        if self.log_level not in levels:
+            raise ConfigError(f"log_level: {self.log_level!r} is not one of {sorted(levels)}")
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    def topic(self, name: str) -> str:
+        """Full topic name for a logical topic (`raw`, `requests`, ...); see kubesight.topics."""
+        return f"{self.kafka.topic_prefix}{name}"
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check (and gently convert) one value against a dataclass field's type hint."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(hint, value, key)  # type: ignore[arg-type]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(str(v) for v in value)
+    if origin in (Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin in (types.UnionType, typing.Union):
+        return value
+    raise ConfigError(f"{key}: unsupported type {hint!r}")
+
+
+def _build(cls: type[Any], data: Mapping[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key)
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{dotted}: unknown key{hint}; valid keys: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix or 'config'}: {exc}") from exc
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == "KUBESIGHT_CONFIG":
+            continue
+        if name.startswith("KUBESIGHT_TEST_") or name.startswith("KUBESIGHT_BENCH_"):
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        try:
+            node[path[-1]] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{name}: cannot parse {raw!r}: {exc}") from exc
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def load(path: str | os.PathLike[str] | None = None,
+         environ: Mapping[str, str] | None = None) -> Config:
+    """Load the config file (if any), apply environment overrides, validate everything."""
+    environ = os.environ if environ is None else environ
+    path = path or environ.get("KUBESIGHT_CONFIG") or None
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p}: not valid YAML: {exc}") from exc
+        if not isinstance(loaded, Mapping):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+        data = dict(loaded)
+    data = _merge(data, _env_overrides(environ))
+    result: Config = _build(Config, data)
+    return result
+
+
+def dump(config: Config) -> str:
+    """The effective configuration as YAML (passwords redacted)."""
+    tree = dataclasses.asdict(config)
+    if tree["kafka"].get("sasl_password"):
+        tree["kafka"]["sasl_password"] = "<redacted>"
+    tree["probe"]["exclude_comms"] = list(tree["probe"]["exclude_comms"])
+    return yaml.safe_dump(tree, sort_keys=False)
