@@ -24,6 +24,8 @@ from typing import Any
 import yaml
 
 ENV_PREFIX = "KUBESIGHT_"
+# Environment variables that are not configuration keys.
+NOT_CONFIG_ENV = frozenset({"KUBESIGHT_CONFIG", "KUBESIGHT_BPF_DIR"})
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -242,9 +244,9 @@ def _build(cls: type[Any], data: Mapping[str, Any], prefix: str = "") -> Any:
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == "KUBESIGHT_CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in NOT_CONFIG_ENV:
             continue
-        if name.startswith("KUBESIGHT_TEST_") or name.startswith("KUBESIGHT_BENCH_"):
+        if name.startswith(("KUBESIGHT_TEST_", "KUBESIGHT_BENCH_")):
             continue
         path = name[len(ENV_PREFIX):].lower().split("__")
         node = tree

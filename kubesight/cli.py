@@ -1,0 +1,117 @@
+"""The ``kubesight`` command.
+
+    kubesight up        run everything on this machine (local Kafka unless one is configured)
+    kubesight status    component health, event rates and drops
+    kubesight config    print the effective configuration, or check a file
+    kubesight topics    create the topics (for an external cluster)
+    kubesight probe     run only the node probe (root)
+    kubesight worker    run one stream worker
+    kubesight sink      run the sinks (Prometheus at 127.0.0.1:9464 by default)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import __version__
+from .config import Config, ConfigError, dump, load
+
+EPILOG = """\
+configuration:
+  One YAML file (--config or $KUBESIGHT_CONFIG); every key can be overridden from the
+  environment as KUBESIGHT_<SECTION>__<KEY>, e.g. KUBESIGHT_KAFKA__BOOTSTRAP_SERVERS=b1:9092.
+  `kubesight config` prints every key with its effective value.
+
+examples:
+  sudo kubesight up                         # everything local; metrics on :9464
+  kubesight status                          # is it healthy, what flows, what drops
+  KUBESIGHT_KAFKA__BOOTSTRAP_SERVERS=kafka:9092 kubesight worker
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kubesight", description="eBPF troubleshooting: golden metrics for every "
+        "process's requests, from the kernel, through Kafka.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"kubesight {__version__}")
+    p.add_argument("-c", "--config", help="YAML config file (default: $KUBESIGHT_CONFIG)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    up = sub.add_parser("up", help="run broker, probe, stream worker and sinks here",
+                        description="Start everything on this machine and stay in the "
+                        "foreground; Ctrl-C stops every component cleanly.")
+    up.add_argument("--no-probe", action="store_true",
+                    help="do not load BPF probes (pipeline only, e.g. without root)")
+    st = sub.add_parser("status", help="component health, event rates and drops")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    cfg = sub.add_parser("config", help="print the effective configuration")
+    cfg.add_argument("--check", action="store_true", help="only validate; exit 1 on errors")
+    sub.add_parser("topics", help="create kubesight's topics (idempotent)")
+    sub.add_parser("probe", help="run the node probe (needs root)")
+    sub.add_parser("worker", help="run one stream worker")
+    sub.add_parser("sink", help="run the configured sinks")
+    return p
+
+
+def _setup_logging(config: Config) -> None:
+    logging.basicConfig(level=config.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"kubesight: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.config:
+        os.environ["KUBESIGHT_CONFIG"] = os.path.abspath(args.config)
+
+    if args.command == "config":
+        if not args.check:
+            print(dump(config), end="")
+        else:
+            print("kubesight: configuration OK")
+        return 0
+    if args.command == "status":
+        from .status import status
+
+        return status(config, as_json=args.json)
+    if args.command == "topics":
+        from .topics import ensure_topics
+
+        created = ensure_topics(config)
+        print(f"kubesight: topics ready ({len(created)} created)")
+        return 0
+    if args.command == "up":
+        from .supervisor import Supervisor
+
+        if not args.no_probe and os.geteuid() != 0:
+            print("kubesight: the probe loads BPF programs and needs root; run with sudo, "
+                  "or use --no-probe to run only the pipeline", file=sys.stderr)
+            return 2
+        return Supervisor(config, args.config, with_probe=not args.no_probe).run()
+
+    _setup_logging(config)
+    if args.command == "probe":
+        from .probe.main import run as run_probe
+
+        run_probe(config)
+    elif args.command == "sink":
+        from .sinks.runner import run as run_sink
+
+        run_sink(config)
+    elif args.command == "worker":
+        sys.argv = [sys.argv[0]]  # Faust's worker reads argv; give it none of ours
+        from .streams.app import main as run_worker
+
+        run_worker()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

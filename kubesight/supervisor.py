@@ -1,0 +1,157 @@
+"""``kubesight up``: run everything on this machine, say where to look, stop cleanly.
+
+Order: local Kafka broker (unless a cluster is configured) → topics → sink → stream worker →
+probe. Each component is a child process with its log in ``<state>/logs``; one that dies is
+restarted with backoff, and one that keeps dying is reported and left down. Ctrl-C (or
+SIGTERM) stops the probe first, so that everything it captured drains through the pipeline's
+buffers, then the worker, the sink, and the broker last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+from .config import Config
+
+RESTART_LIMIT = 5  # restarts within RESTART_WINDOW_S before a component is left down
+RESTART_WINDOW_S = 60.0
+STOP_TIMEOUT_S = 30.0
+
+
+def say(msg: str) -> None:
+    print(f"kubesight: {msg}", flush=True)
+
+
+@dataclasses.dataclass
+class Component:
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: list[float] = dataclasses.field(default_factory=list)
+    given_up: bool = False
+    _log: IO[bytes] | None = None
+
+    def start(self, env: dict[str, str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child)
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            say(f"{self.name} did not stop within {timeout:.0f}s; killing it")
+            self.proc.kill()
+            self.proc.wait(5)
+        if self._log:
+            self._log.close()
+
+
+class Supervisor:
+    def __init__(self, config: Config, config_path: str | None, *, with_probe: bool = True):
+        self.config = config
+        self.state = config.state_path
+        self._stop = threading.Event()
+        self.broker = None
+        env = dict(os.environ)
+        if config_path:
+            env["KUBESIGHT_CONFIG"] = str(Path(config_path).resolve())
+        # Children must see the same effective state dir and node name as we do.
+        env["KUBESIGHT_STATE_DIR"] = str(self.state)
+        env["KUBESIGHT_NODE_NAME"] = config.node_name
+        if config.kafka.uses_local_broker:
+            env["KUBESIGHT_KAFKA__BOOTSTRAP_SERVERS"] = config.kafka.bootstrap
+        self.env = env
+        logs = self.state / "logs"
+        me = [sys.executable, "-m", "kubesight.cli"]
+        self.components = [
+            Component("sink", [*me, "sink"], logs / "sink.log"),
+            Component("worker", [*me, "worker"], logs / "worker.log"),
+        ]
+        if with_probe:
+            self.components.append(Component("probe", [*me, "probe"], logs / "probe.log"))
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        from .broker import LocalBroker
+        from .topics import ensure_topics
+
+        run_dir = self.state / "run"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "supervisor.pid").write_text(f"{os.getpid()}\n")
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGTERM, self.request_stop)
+        try:
+            if self.config.kafka.uses_local_broker:
+                self.broker = LocalBroker(self.config)
+                say(f"starting Kafka {self.config.kafka.local.version} (KRaft, single node), "
+                    f"data in {self.state / 'kafka'} ...")
+                self.broker.start()
+                say(f"kafka      up    {self.broker.bootstrap} (pid {self.broker.pid})")
+            else:
+                say(f"kafka      using {self.config.kafka.bootstrap}")
+            created = ensure_topics(self.config)
+            say(f"topics     ready ({self.config.kafka.topic_prefix}*; "
+                f"{len(created)} created)")
+            for comp in self.components:
+                comp.start(self.env)
+                if comp.name == "worker" and comp.proc is not None:
+                    (run_dir / "worker.pid").write_text(f"{comp.proc.pid}\n")
+                say(f"{comp.name:<10} up    pid {comp.proc.pid if comp.proc else '?'}, "
+                    f"log {comp.log_path}")
+            prom = self.config.sinks.prometheus
+            say("ready. Where to look:")
+            if prom.enabled:
+                say(f"  metrics    http://{prom.listen}/metrics")
+            say("  status     kubesight status")
+            say(f"  logs       {self.state / 'logs'}")
+            say("  topics     " + ", ".join(
+                self.config.topic(t) for t in ("raw.v1", "requests.v1", "golden.v1")))
+            say("Ctrl-C stops everything.")
+            self._watch()
+        finally:
+            self._shutdown()
+            (run_dir / "supervisor.pid").unlink(missing_ok=True)
+        return 0
+
+    def _watch(self) -> None:
+        while not self._stop.wait(1.0):
+            for comp in self.components:
+                if comp.given_up or comp.proc is None or comp.proc.poll() is None:
+                    continue
+                now = time.monotonic()
+                comp.restarts = [t for t in comp.restarts if now - t < RESTART_WINDOW_S]
+                if len(comp.restarts) >= RESTART_LIMIT:
+                    comp.given_up = True
+                    say(f"{comp.name} exited {len(comp.restarts)} times within "
+                        f"{RESTART_WINDOW_S:.0f}s; leaving it down. See {comp.log_path}")
+                    continue
+                comp.restarts.append(now)
+                say(f"{comp.name} exited with status {comp.proc.returncode}; restarting "
+                    f"(see {comp.log_path})")
+                comp.start(self.env)
+
+    def _shutdown(self) -> None:
+        say("stopping ...")
+        for comp in reversed(self.components):  # probe first: let its data drain
+            comp.stop()
+            say(f"{comp.name:<10} stopped")
+        (self.state / "run" / "worker.pid").unlink(missing_ok=True)
+        if self.broker is not None:
+            self.broker.stop()
+            say("kafka      stopped")

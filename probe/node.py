@@ -1,0 +1,107 @@
+"""What the probe learns about its node from /proc: listening sockets and their processes.
+
+Stream workers name the destination of a client's call by the process that listens on the
+address it connected to. Listeners are few and long-lived, so the probe scans them every few
+seconds and publishes only changes to the compacted metadata topic.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+_LISTEN = "0A"
+
+
+class Listener(NamedTuple):
+    addr: str
+    port: int
+    tgid: int
+    comm: str
+
+
+def _decode_addr(hexaddr: str) -> str:
+    raw = bytes.fromhex(hexaddr)
+    # /proc/net/tcp prints each 32-bit word in host (little-endian) order.
+    words = [raw[i:i + 4][::-1] for i in range(0, len(raw), 4)]
+    packed = b"".join(words)
+    addr = ipaddress.ip_address(packed)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def _listening_inodes(proc: Path) -> dict[int, tuple[str, int]]:
+    inodes: dict[int, tuple[str, int]] = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = (proc / "net" / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != _LISTEN:
+                continue
+            addr_hex, port_hex = fields[1].split(":")
+            inodes[int(fields[9])] = (_decode_addr(addr_hex), int(port_hex, 16))
+    return inodes
+
+
+def _socket_owners(proc: Path, wanted: set[int]) -> Iterator[tuple[int, int]]:
+    """Yield (inode, tgid) for sockets in ``wanted``, scanning /proc/<pid>/fd."""
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        fd_dir = os.path.join(entry.path, "fd")
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(os.path.join(fd_dir, fd))
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inode = int(target[8:-1])
+                if inode in wanted:
+                    yield inode, int(entry.name)
+
+
+def _comm(proc: Path, tgid: int) -> str:
+    try:
+        return (proc / str(tgid) / "comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def listeners(proc: Path = Path("/proc")) -> list[Listener]:
+    """Every listening TCP socket of this network namespace with its owning process."""
+    inodes = _listening_inodes(proc)
+    found: dict[tuple[str, int], Listener] = {}
+    for inode, tgid in _socket_owners(proc, set(inodes)):
+        addr, port = inodes[inode]
+        key = (addr, port)
+        # Several processes share one listener (nginx master and workers): keep the lowest
+        # tgid, which is stable across scans.
+        if key not in found or tgid < found[key].tgid:
+            found[key] = Listener(addr, port, tgid, _comm(proc, tgid))
+    return sorted(found.values())
+
+
+def read_pidfiles(run_dir: Path) -> set[int]:
+    """tgids of kubesight's own components, from <state>/run/*.pid, to exclude in the kernel."""
+    pids: set[int] = set()
+    try:
+        files = list(run_dir.glob("*.pid"))
+    except OSError:
+        return pids
+    for f in files:
+        try:
+            pids.add(int(f.read_text().split()[0]))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids

@@ -1,0 +1,149 @@
+"""``kubesight sink``: read golden windows and health from Kafka, fan them out to every sink.
+
+At least once, never silently lossy: offsets are committed only after every sink accepted
+the batch. A sink that fails keeps the batch; it is retried with backoff (the consumer is
+paused meanwhile, so Kafka is the buffer), and each failure is counted and logged.
+
+It also measures the stream workers' consumer lag on ``raw.v1`` and reports it as the
+sink's own health, next to the metrics that lag would delay.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from kubesight.config import Config
+
+from .registry import build_sinks
+
+log = logging.getLogger("kubesight.sink")
+
+LAG_INTERVAL_S = 5.0
+MAX_BACKOFF_S = 30.0
+
+
+class SinkRunner:
+    def __init__(self, config: Config, group: str = "kubesight-sink") -> None:
+        self.config = config
+        self.sinks = build_sinks(config.sinks)
+        self.counters = collections.Counter[str]()
+        self.instance = f"{int(time.time())}-{os.getpid()}"
+        self._stop = threading.Event()
+        base = config.kafka.librdkafka()
+        self._consumer = Consumer({
+            **base, "group.id": group, "enable.auto.commit": False,
+            "auto.offset.reset": "earliest", "fetch.wait.max.ms": 200,
+        })
+        self._golden = config.topic("golden.v1")
+        self._health = config.topic("health.v1")
+        self._consumer.subscribe([self._golden, self._health])
+        # Reads the workers' committed offsets; never joins their group.
+        self._lag_probe = Consumer({**base, "group.id": config.streams.app_id,
+                                    "enable.auto.commit": False})
+
+    def stop(self, *_: Any) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        next_lag = 0.0
+        try:
+            while not self._stop.is_set():
+                msgs = self._consumer.consume(num_messages=1000, timeout=0.5)
+                if msgs:
+                    self._deliver(msgs)
+                now = time.monotonic()
+                if now >= next_lag:
+                    self._report_own_health()
+                    next_lag = now + LAG_INTERVAL_S
+        finally:
+            self._consumer.close()
+            self._lag_probe.close()
+            for sink in self.sinks:
+                sink.close()
+
+    def _deliver(self, msgs: list[Any]) -> None:
+        windows: list[dict[str, Any]] = []
+        health: list[dict[str, Any]] = []
+        for m in msgs:
+            if m.error():
+                self.counters["kafka_errors"] += 1
+                log.warning("consume error: %s", m.error())
+                continue
+            try:
+                record = msgpack.unpackb(m.value(), raw=False)
+            except (ValueError, msgpack.UnpackException):
+                self.counters["undecodable_records"] += 1
+                continue
+            (windows if m.topic() == self._golden else health).append(record)
+        self.counters["windows_in"] += len(windows)
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                for sink in self.sinks:
+                    if windows:
+                        sink.write(windows)
+                    if health:
+                        sink.write_health(health)
+                break
+            except Exception as exc:  # any sink failure: keep the batch, retry later
+                self.counters["sink_write_failures"] += 1
+                log.error("sink write failed (retrying in %.1fs): %s", backoff, exc)
+                self._stop.wait(backoff)
+                backoff = min(MAX_BACKOFF_S, backoff * 2)
+        else:
+            return  # stopping: do not commit what was not written
+        try:
+            self._consumer.commit(asynchronous=True)
+        except KafkaException as exc:
+            log.warning("offset commit failed: %s", exc)
+
+    def _raw_lag(self) -> int | None:
+        topic = self.config.topic("raw.v1")
+        try:
+            meta = self._lag_probe.list_topics(topic, timeout=2)
+            parts = [TopicPartition(topic, p) for p in meta.topics[topic].partitions]
+            committed = self._lag_probe.committed(parts, timeout=2)
+            lag = 0
+            for tp in committed:
+                _low, high = self._lag_probe.get_watermark_offsets(tp, timeout=2)
+                lag += high - tp.offset if tp.offset >= 0 else high
+            return lag
+        except (KafkaException, KeyError) as exc:
+            log.debug("lag unavailable: %s", exc)
+            return None
+
+    def _report_own_health(self) -> None:
+        counters = dict(self.counters)
+        lag = self._raw_lag()
+        if lag is not None:
+            counters["worker_consumer_lag_raw"] = lag
+        record = {"v": 1, "component": "sink", "node": self.config.node_name,
+                  "instance": self.instance, "ts": time.time(), "counters": counters}
+        for sink in self.sinks:
+            try:
+                sink.write_health([record])
+            except Exception as exc:
+                log.warning("sink health write failed: %s", exc)
+
+
+def run(config: Config) -> None:
+    runner = SinkRunner(config)
+    signal.signal(signal.SIGTERM, runner.stop)
+    signal.signal(signal.SIGINT, runner.stop)
+    pidfile = Path(config.state_dir) / "run" / "sink.pid"
+    pidfile.parent.mkdir(parents=True, exist_ok=True)
+    pidfile.write_text(f"{os.getpid()}\n")
+    try:
+        runner.run()
+    finally:
+        pidfile.unlink(missing_ok=True)

@@ -1,0 +1,201 @@
+"""Faust agents and timers: the stream workers' side of the data path drawn in ``app.py``.
+
+Each agent is a thin loop around plain-Python logic (``Reassembler``, ``WindowStore``):
+decode, hand over, send what comes back. A record that cannot be used goes to the dead-letter
+topic with the reason; no input can crash a worker.
+
+Delivery is at least once; duplicates that a rebalance re-delivers are skipped by offset (the
+highest offset folded in per input partition), kept in memory for the reassembler and in the
+windows table for the golden agent.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from typing import Any
+
+import msgpack
+
+from .app import (
+    app,
+    config,
+    deadletter_topic,
+    golden_topic,
+    health_topic,
+    meta_topic,
+    raw_topic,
+    requests_topic,
+    series_topic,
+    windows_table,
+)
+from .golden import Window, WindowStore
+from .reassembly import MalformedBatch, Reassembler
+
+log = logging.getLogger("kubesight.streams")
+
+TICK = b"\x00tick"
+OFFSET_PREFIX = b"\x00offset/"
+HEALTH_INTERVAL_S = 5.0
+INSTANCE = f"{int(time.time())}-{os.getpid()}"
+
+reassembler = Reassembler(window_seconds=config.streams.window_seconds,
+                          slow_threshold_ns=config.streams.slow_threshold_ns)
+store = WindowStore(window_seconds=config.streams.window_seconds,
+                    grace_seconds=config.streams.grace_seconds)
+counters = collections.Counter[str]()
+_raw_seen: dict[int, int] = {}  # partition → highest raw.v1 offset processed
+_series_seen: dict[int, int] = {}
+_restored = False
+
+
+def _unpack(value: Any) -> Any:
+    if not isinstance(value, bytes | bytearray):
+        raise MalformedBatch(f"value is {type(value).__name__}, not bytes")
+    try:
+        return msgpack.unpackb(value, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise MalformedBatch(f"not msgpack: {exc}") from exc
+
+
+async def _dead_letter(event: Any, reason: str) -> None:
+    msg = event.message
+    counters["dead_lettered"] += 1
+    record = {"v": 1, "reason": reason[:1000], "component": "worker", "topic": msg.topic,
+              "partition": msg.partition, "offset": msg.offset, "key": msg.key,
+              "value": msg.value}
+    await deadletter_topic.send(key=f"{msg.topic}/{msg.partition}/{msg.offset}".encode(),
+                                value=msgpack.packb(record))
+
+
+@app.agent(raw_topic, name="reassemble")
+async def reassemble(stream: Any) -> None:
+    take = config.streams.take_max
+    within = config.streams.take_within_s
+    async for events in stream.take_events(take, within=within):
+        for event in events:
+            msg = event.message
+            if msg.offset <= _raw_seen.get(msg.partition, -1):
+                counters["raw_duplicates_skipped"] += 1
+                continue
+            _raw_seen[msg.partition] = msg.offset
+            counters["raw_batches"] += 1
+            try:
+                key = msg.key.decode() if msg.key else ""
+                batch = _unpack(msg.value)
+                if not isinstance(batch, dict) or batch.get("v") != 1:
+                    raise MalformedBatch("not a raw.v1 batch (missing v=1)")
+                records = reassembler.on_batch(key, batch)
+            except MalformedBatch as exc:
+                await _dead_letter(event, f"malformed raw batch: {exc}")
+                continue
+            except Exception as exc:  # a parser bug must not take the worker down
+                log.exception("reassembly failed on %s/%s@%s", msg.topic, msg.partition,
+                              msg.offset)
+                await _dead_letter(event, f"internal error: {type(exc).__name__}: {exc}")
+                continue
+            if records:
+                await requests_topic.send(key=msg.key, value=msgpack.packb(
+                    {"v": 1, "node": batch.get("node", ""), "conn": key, "requests": records}))
+        for skey, partials in reassembler.take_partials():
+            await series_topic.send(key=skey, value=msgpack.packb(partials))
+
+
+@app.agent(meta_topic, name="learn_listeners")
+async def learn_listeners(stream: Any) -> None:
+    async for event in stream.events():
+        try:
+            record = _unpack(event.value)
+            if record.get("kind") == "listener":
+                reassembler.on_listener(record)
+        except (MalformedBatch, KeyError, TypeError, ValueError, AttributeError) as exc:
+            await _dead_letter(event, f"malformed meta record: {exc}")
+
+
+def _restore_windows() -> None:
+    """Rebuild open windows and offsets from the (changelog-recovered) table, once."""
+    global _restored
+    if _restored:
+        return
+    _restored = True
+    for key, value in list(windows_table.items()):
+        if value is None:
+            continue
+        if key.startswith(OFFSET_PREFIX):
+            _series_seen[int(key[len(OFFSET_PREFIX):])] = int(value)
+        else:
+            store.open[key] = Window.from_state(msgpack.unpackb(value, raw=False))
+    if store.open:
+        log.info("restored %d open windows from the changelog", len(store.open))
+
+
+async def _emit_due(partition: int) -> None:
+    for key, win in store.due(partition):
+        series_key = key.rsplit(b"\x1e", 1)[0]
+        await golden_topic.send(key=series_key,
+                                value=msgpack.packb(win.to_record(store.window_seconds)))
+        counters["windows_emitted"] += 1
+        try:
+            del windows_table[key]
+        except KeyError:
+            pass
+
+
+@app.agent(series_topic, name="golden")
+async def golden(stream: Any) -> None:
+    async for event in stream.events():
+        _restore_windows()
+        msg = event.message
+        if msg.key == TICK:
+            await _emit_due(msg.partition)
+            continue
+        if msg.offset <= _series_seen.get(msg.partition, -1):
+            counters["series_duplicates_skipped"] += 1
+            continue
+        _series_seen[msg.partition] = msg.offset
+        try:
+            message = _unpack(msg.value)
+            changed = store.merge(msg.key, message, msg.partition)
+        except (MalformedBatch, KeyError, TypeError, ValueError) as exc:
+            await _dead_letter(event, f"malformed series record: {exc}")
+            continue
+        for key in changed:
+            windows_table[key] = msgpack.packb(store.open[key].to_state())
+        windows_table[OFFSET_PREFIX + str(msg.partition).encode()] = str(msg.offset).encode()
+
+
+@app.timer(interval=1.0)
+async def tick() -> None:
+    """Let every series partition close its due windows, even when no traffic flows."""
+    partitions = config.kafka.partitions
+    for partition in range(partitions):
+        await series_topic.send(key=TICK, value=b"", partition=partition)
+
+
+@app.timer(interval=30.0)
+async def expire_idle_connections() -> None:
+    records = reassembler.expire_idle()
+    if records:
+        await requests_topic.send(key=b"expired", value=msgpack.packb(
+            {"v": 1, "node": config.node_name, "conn": "expired", "requests": records}))
+    for skey, partials in reassembler.take_partials():
+        await series_topic.send(key=skey, value=msgpack.packb(partials))
+
+
+def worker_counters() -> dict[str, int]:
+    out = collections.Counter(reassembler.parser_counters())
+    out.update(counters)
+    out["open_connections"] = len(reassembler.connections)
+    out["open_windows"] = len(store.open)
+    out["late_partials"] = store.late_partials
+    return {k: max(0, int(v)) for k, v in out.items()}
+
+
+@app.timer(interval=HEALTH_INTERVAL_S)
+async def publish_health() -> None:
+    record = {"v": 1, "component": "worker", "node": config.node_name, "instance": INSTANCE,
+              "ts": time.time(), "counters": worker_counters()}
+    await health_topic.send(key=f"{config.node_name}/worker/{INSTANCE}".encode(),
+                            value=msgpack.packb(record))

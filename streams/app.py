@@ -1,0 +1,103 @@
+"""The one Faust app of kubesight's stream workers, its topics and its tables.
+
+The whole data path, in one place (agents live in ``agents.py``):
+
+    topic             agent            state                         writes to
+    ───────────────── ──────────────── ───────────────────────────── ─────────────────────────
+    raw.v1            reassemble       live parsers, per connection  requests.v1, series.v1
+    meta.v1           learn_listeners  listener → workload           (in memory)
+    series.v1         golden           windows table (changelog)     golden.v1
+    (timer, 1 s)      tick             -                             series.v1 (a tick per partition)
+    golden.v1 + health.v1 are read by ``kubesight sink`` (sinks/runner.py) and fanned out to sinks.
+
+``series.v1`` is the repartition step: the reassembler pre-aggregates each batch per
+(series, window) and sends the partials keyed by series, so the windows table is keyed like
+the topic that feeds it (what Faust's ``group_by`` does, but one message per series per
+batch instead of one per request). The golden agent closes windows when a *tick* for its
+partition arrives, because Faust tables may only be changed while processing a message of
+the partition that owns the key.
+
+Configuration comes from ``kubesight.config.load()`` (``KUBESIGHT_CONFIG`` and
+``KUBESIGHT_*`` environment variables) when this module is imported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+
+from kubesight import config as _config
+
+config = _config.load()
+
+
+def _broker_urls(bootstrap: str) -> list[str]:
+    return [f"kafka://{host.strip()}" for host in bootstrap.split(",") if host.strip()]
+
+
+def _credentials() -> Any:
+    k = config.kafka
+    if k.sasl_mechanism:
+        ssl_context = None
+        if k.security_protocol == "SASL_SSL":
+            import ssl
+
+            ssl_context = ssl.create_default_context(cafile=k.ssl_ca_location or None)
+        return faust.SASLCredentials(username=k.sasl_username, password=k.sasl_password,
+                                     mechanism=k.sasl_mechanism, ssl_context=ssl_context)
+    if k.security_protocol == "SSL":
+        import ssl
+
+        return faust.SSLCredentials(ssl.create_default_context(cafile=k.ssl_ca_location or None))
+    return None
+
+
+app = faust.App(
+    config.streams.app_id,
+    broker=_broker_urls(config.kafka.bootstrap),
+    broker_credentials=_credentials(),
+    store="memory://",
+    autodiscover=False,
+    topic_partitions=config.kafka.partitions,
+    topic_replication_factor=config.kafka.replication_factor,
+    topic_allow_declare=False,  # kubesight.topics creates topics with the right settings
+    consumer_auto_offset_reset="earliest",
+    web_host="127.0.0.1",
+    web_port=config.streams.web_port,
+    web_in_thread=False,
+    producer_compression_type="lz4",
+    producer_max_request_size=4_000_000,
+    broker_commit_every=1000,
+    broker_commit_interval=1.0,
+    stream_buffer_maxsize=8192,
+)
+
+
+def _topic(name: str) -> Any:
+    return app.topic(config.topic(name), key_type=bytes, value_type=bytes,
+                     key_serializer="raw", value_serializer="raw",
+                     partitions=config.kafka.partitions, internal=False)
+
+
+raw_topic = _topic("raw.v1")
+requests_topic = _topic("requests.v1")
+series_topic = _topic("series.v1")
+golden_topic = _topic("golden.v1")
+meta_topic = _topic("meta.v1")
+health_topic = _topic("health.v1")
+deadletter_topic = _topic("deadletter.v1")
+
+windows_table = app.Table(
+    "golden-windows", key_type=bytes, value_type=bytes, key_serializer="raw",
+    value_serializer="raw", partitions=config.kafka.partitions, default=None,
+)
+
+
+def main() -> None:
+    """Run one stream worker (``kubesight worker``)."""
+    from faust.worker import Worker
+
+    from . import agents  # noqa: F401  (registers agents and timers on ``app``)
+
+    Worker(app, loglevel=config.log_level.upper(), quiet=True).execute_from_commandline()

@@ -1,0 +1,268 @@
+"""Raw connection events → request records and per-series window partials.
+
+Plain Python on plain data, no Faust here: the agent in ``agents.py`` feeds decoded raw batches
+to a ``Reassembler`` and ships what it returns. Keeping the logic free of Kafka makes it
+testable with captured bytes and lets the benchmark measure it alone.
+
+Naming the two ends of a request (bare host; Kubernetes identity replaces this later):
+- the side that observed it is named by its own process (``comm``);
+- a client's peer is named by the process that listens on the address it connected to
+  (listeners come from the probe's /proc scan on ``meta.v1`` and from accepted connections);
+- a server's peer is named by the client process whose socket has the mirrored 4-tuple, when
+  that client runs on a node we observe; otherwise both fall back to the peer's IP.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from .endpoints import normalise
+from .http1 import Http1Connection
+from .record import Request
+from .sketch import LatencySketch
+
+KIND_CONNECT, KIND_ACCEPT, KIND_DATA_OUT, KIND_DATA_IN, KIND_CLOSE = 1, 2, 3, 4, 5
+ROLE_NAMES = {0: "unknown", 1: "client", 2: "server"}
+LOOPBACK = ("127.0.0.1", "::1")
+WILDCARD = ("0.0.0.0", "::")
+IDLE_CONNECTION_S = 600.0
+MAX_PEERS = 200_000
+
+SERIES_LABELS = ("side", "protocol", "src_namespace", "src_workload", "dst_namespace",
+                 "dst_workload", "endpoint", "status")
+
+
+class MalformedBatch(ValueError):
+    """A raw batch that cannot be used; the agent dead-letters it with this reason."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Connection:
+    key: str
+    node: str
+    tgid: int
+    comm: str
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+    parser: Http1Connection
+    last_seen: float
+
+
+class WindowPartial:
+    """Counts and a latency sketch for one (series, window) within one batch."""
+
+    __slots__ = ("count", "errors", "slow", "sum_seconds", "sketch")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.errors = 0
+        self.slow = 0
+        self.sum_seconds = 0.0
+        self.sketch = LatencySketch()
+
+    def add(self, seconds: float, error: bool, slow: bool) -> None:
+        self.count += 1
+        self.errors += error
+        self.slow += slow
+        self.sum_seconds += seconds
+        self.sketch.add(seconds)
+
+    def to_wire(self, window_start: int) -> dict[str, Any]:
+        return {"window_start": window_start, "count": self.count, "errors": self.errors,
+                "slow": self.slow, "sum_seconds": self.sum_seconds,
+                "sketch": self.sketch.to_wire()}
+
+
+def series_key(labels: tuple[str, ...]) -> bytes:
+    return "\x1f".join(labels).encode()
+
+
+class Reassembler:
+    """Holds every live connection's parser; turns raw batches into requests and partials."""
+
+    def __init__(self, *, window_seconds: int, slow_threshold_ns: Callable[[str], int],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.window_seconds = window_seconds
+        self._slow_ns = slow_threshold_ns
+        self._clock = clock
+        self.connections: dict[str, _Connection] = {}
+        self.listeners: dict[tuple[str, str, int], str] = {}  # (node, addr, port) → workload
+        self._client_sockets: collections.OrderedDict[tuple[str, int, str, int], str] = (
+            collections.OrderedDict())
+        self.counters = collections.Counter[str]()
+        # (series labels) → window start → partial; drained by take_partials()
+        self._partials: dict[tuple[str, ...], dict[int, WindowPartial]] = {}
+
+    # -- metadata ---------------------------------------------------------------------------
+    def on_listener(self, record: dict[str, Any]) -> None:
+        self.listeners[(record["node"], record["addr"], int(record["port"]))] = (
+            record.get("workload") or record["comm"])
+
+    def _listener_workload(self, node: str, addr: str, port: int) -> str | None:
+        found = self.listeners.get((node, addr, port))
+        if found is None and addr in LOOPBACK:
+            for wild in WILDCARD:
+                found = self.listeners.get((node, wild, port))
+                if found is not None:
+                    break
+        return found
+
+    # -- events -----------------------------------------------------------------------------
+    def on_batch(self, key: str, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """Feed one raw batch; returns the request records it completed (wire form)."""
+        try:
+            conn_meta = batch["conn"]
+            events = batch["events"]
+            node = batch["node"]
+        except (KeyError, TypeError) as exc:
+            raise MalformedBatch(f"missing field {exc}") from exc
+        if not isinstance(events, list) or not isinstance(conn_meta, dict):
+            raise MalformedBatch("conn must be a map and events a list")
+        conn = self.connections.get(key)
+        if conn is None:
+            conn = self._open(key, node, conn_meta)
+        conn.last_seen = self._clock()
+        out: list[Request] = []
+        feed = conn.parser.feed
+        closed = False
+        for ev in events:
+            try:
+                kind, ts, size, payload = ev
+            except (TypeError, ValueError) as exc:
+                raise MalformedBatch(f"event is not [kind, ts, size, payload]: {ev!r:.80}") from exc
+            if kind == KIND_DATA_OUT:
+                out += feed("out", ts, size, payload)
+            elif kind == KIND_DATA_IN:
+                out += feed("in", ts, size, payload)
+            elif kind == KIND_CLOSE:
+                out += conn.parser.flush(ts)
+                closed = True
+            elif kind in (KIND_CONNECT, KIND_ACCEPT):
+                continue
+            else:
+                raise MalformedBatch(f"unknown event kind {kind!r}")
+        self.counters["events"] += len(events)
+        if closed:
+            self._close(conn)
+        return [self._record(conn, req) for req in out]
+
+    def _open(self, key: str, node: str, meta: dict[str, Any]) -> _Connection:
+        try:
+            role = ROLE_NAMES.get(int(meta["role"]), "unknown")
+            conn = _Connection(
+                key=key, node=node, tgid=int(meta["tgid"]), comm=str(meta["comm"]),
+                laddr=str(meta["laddr"]), lport=int(meta["lport"]), raddr=str(meta["raddr"]),
+                rport=int(meta["rport"]), parser=Http1Connection(role), last_seen=self._clock())
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MalformedBatch(f"bad conn metadata: {exc}") from exc
+        self.connections[key] = conn
+        if role == "client":
+            self._client_sockets[(conn.laddr, conn.lport, conn.raddr, conn.rport)] = conn.comm
+            if len(self._client_sockets) > MAX_PEERS:
+                self._client_sockets.popitem(last=False)
+        elif role == "server":
+            # An accepted connection proves its local address:port is a listener.
+            self.listeners.setdefault((node, conn.laddr, conn.lport), conn.comm)
+        self.counters["connections_opened"] += 1
+        return conn
+
+    def _close(self, conn: _Connection) -> None:
+        self._fold_parser_counters(conn)
+        del self.connections[conn.key]
+        self.counters["connections_closed"] += 1
+
+    def _fold_parser_counters(self, conn: _Connection) -> None:
+        for name, value in vars_counters(conn.parser).items():
+            self.counters[f"http_{name}"] += value
+
+    def expire_idle(self, max_idle_s: float = IDLE_CONNECTION_S) -> list[dict[str, Any]]:
+        """Forget connections silent for too long (their close was never seen)."""
+        cutoff = self._clock() - max_idle_s
+        stale = [c for c in self.connections.values() if c.last_seen < cutoff]
+        out: list[dict[str, Any]] = []
+        for conn in stale:
+            out += [self._record(conn, r) for r in conn.parser.flush(time.time_ns())]
+            self._close(conn)
+            self.counters["connections_expired"] += 1
+        return out
+
+    # -- records and series -----------------------------------------------------------------
+    def _record(self, conn: _Connection, req: Request) -> dict[str, Any]:
+        node = conn.node
+        if req.side == "client":
+            src = conn.comm
+            dst = self._listener_workload(node, conn.raddr, conn.rport) or conn.raddr
+        else:
+            dst = conn.comm
+            src = self._client_sockets.get((conn.raddr, conn.rport, conn.laddr, conn.lport),
+                                           conn.raddr)
+        latency_ns = max(0, req.end_ns - req.start_ns)
+        slow = latency_ns > self._slow_ns(req.protocol)
+        endpoint = normalise(req.endpoint) if req.endpoint else ""
+        record = {
+            "protocol": req.protocol, "side": req.side, "method": req.method,
+            "endpoint": endpoint, "path": req.raw_path[:256], "status": req.status,
+            "error": req.error, "slow": slow, "start_ns": req.start_ns, "end_ns": req.end_ns,
+            "request_bytes": req.request_bytes, "response_bytes": req.response_bytes,
+            "complete": req.complete, "src_namespace": "", "src_workload": src,
+            "dst_namespace": "", "dst_workload": dst, "pid": conn.tgid,
+        }
+        self._aggregate(record, latency_ns)
+        return record
+
+    def _aggregate(self, record: dict[str, Any], latency_ns: int) -> None:
+        labels = (record["side"], record["protocol"], "", record["src_workload"], "",
+                  record["dst_workload"], record["endpoint"], record["status"])
+        window = self.window_seconds
+        start = (record["end_ns"] // 1_000_000_000) // window * window
+        per_window = self._partials.get(labels)
+        if per_window is None:
+            per_window = self._partials[labels] = {}
+        partial = per_window.get(start)
+        if partial is None:
+            partial = per_window[start] = WindowPartial()
+        partial.add(latency_ns / 1e9, record["error"], record["slow"])
+        self.counters["requests"] += 1
+
+    def take_partials(self) -> list[tuple[bytes, dict[str, Any]]]:
+        """Per-series messages for ``series.v1`` aggregated since the last call."""
+        partials, self._partials = self._partials, {}
+        out = []
+        for labels, windows in partials.items():
+            out.append((series_key(labels), {
+                "v": 1,
+                "series": dict(zip(SERIES_LABELS, labels, strict=True)),
+                "windows": [p.to_wire(start) for start, p in sorted(windows.items())],
+            }))
+        return out
+
+    def parser_counters(self) -> dict[str, int]:
+        totals = collections.Counter(self.counters)
+        for conn in self.connections.values():
+            for name, value in vars_counters(conn.parser).items():
+                totals[f"http_{name}"] += value
+        return dict(totals)
+
+
+def vars_counters(parser: Http1Connection) -> dict[str, int]:
+    counters = getattr(parser, "counters", None)
+    if isinstance(counters, dict):
+        return {k: int(v) for k, v in counters.items()}
+    return {}
+
+
+def chunked(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
