@@ -1,0 +1,62 @@
+/* l7: socket payload and connection events from syscall tracepoints.
+ * The only source of the event layout; probe/l7.py is tested against this file's BTF.
+ * Includers provide __u8.. (vmlinux.h in BPF, <linux/types.h> in user space). */
+#ifndef KUBESIGHT_L7_H
+#define KUBESIGHT_L7_H
+
+#define L7_CAPTURE_MAX     8192	/* capture_bytes is clamped to this (per-CPU scratch ≤ 32 KiB) */
+#define L7_MAX_IOVECS      8		/* iovecs walked per readv/writev/sendmsg/recvmsg */
+#define L7_MAX_CONNECTIONS 65536	/* LRU: sock -> connection identity */
+#define L7_MAX_INFLIGHT    16384	/* threads inside a traced syscall at once */
+#define L7_MAX_EXCLUDED    1024		/* tgids the user side excludes */
+#define L7_RINGBUF_BYTES   (16 << 20)	/* default; the loader may resize before load */
+#define L7_ADDR_LEN        16
+#define L7_COMM_LEN        16
+
+enum l7_kind {
+	L7_CONNECT  = 1,	/* connect() succeeded or is in progress: role client */
+	L7_ACCEPT   = 2,	/* accept()/accept4() returned a connection: role server */
+	L7_DATA_OUT = 3,	/* write, writev, sendto, sendmsg */
+	L7_DATA_IN  = 4,	/* read, readv, recvfrom, recvmsg */
+	L7_CLOSE    = 5,	/* close() of a connection seen before */
+};
+
+enum l7_role {
+	L7_ROLE_UNKNOWN = 0,	/* connection was open before the probe started */
+	L7_ROLE_CLIENT  = 1,
+	L7_ROLE_SERVER  = 2,
+};
+
+enum l7_counter {
+	L7_CNT_EVENTS = 0,		/* events written to the ring buffer */
+	L7_CNT_RINGBUF_DROPS,		/* ring buffer full: event lost */
+	L7_CNT_TRUNCATED,		/* payload longer than capture_bytes */
+	L7_CNT_SKIPPED_NOT_SOCKET,	/* fd is a file, pipe, ... */
+	L7_CNT_SKIPPED_NOT_TCP,		/* socket is AF_UNIX, UDP, ... */
+	L7_CNT_INFLIGHT_FULL,		/* per-thread stash full: syscall not traced */
+	L7_CNT_CONN_TABLE_FULL,		/* connection identity not stored */
+	L7_CNT_PAYLOAD_READ_FAILED,	/* bpf_probe_read_user failed: cap_len shorter */
+	L7_CNT__MAX,
+};
+
+struct l7_event {
+	__u8  kind;		/* enum l7_kind */
+	__u8  role;		/* enum l7_role */
+	__u8  family;		/* AF_INET or AF_INET6 */
+	__u8  _pad0;
+	__u16 lport;		/* host order */
+	__u16 rport;		/* host order */
+	__u32 tgid;
+	__s32 fd;
+	__u64 conn_id;		/* unique per probe instance, never 0 */
+	__u64 ts_ns;		/* bpf_ktime_get_ns: CLOCK_MONOTONIC */
+	__s64 size;		/* syscall return: bytes actually transferred */
+	__u32 cap_len;		/* bytes of payload[] that follow the header */
+	__u32 _pad1;
+	__u8  laddr[L7_ADDR_LEN];	/* IPv4 in the first 4 bytes, or IPv6 */
+	__u8  raddr[L7_ADDR_LEN];
+	char  comm[L7_COMM_LEN];
+	__u8  payload[L7_CAPTURE_MAX];	/* only cap_len bytes are submitted */
+};
+
+#endif /* KUBESIGHT_L7_H */

@@ -1,0 +1,311 @@
+"""User side of bpf/l7.bpf.c: load, attach, drain TCP connection and payload events.
+
+Lifecycle, a straight line::
+
+    with L7Probe(capture_bytes=4096) as probe:   # start(): open → configure → load → attach
+        while running:
+            for ev in probe.poll(10):              # everything available, as RawEvent tuples
+                ...
+        probe.counters()                           # kernel-side counters, summed over CPUs
+
+The event layout lives only in bpf/l7.h; the ctypes structure below mirrors it and
+tests/probe/test_layout.py checks every offset, size and enum value against the BTF of the
+built object. Events are submitted without a ring-buffer wakeup, so ``poll`` drains on a timer.
+The calling process is always excluded (the probe must not trace its own Kafka traffic).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import socket
+import struct
+import time
+from enum import IntEnum
+from pathlib import Path
+from types import TracebackType
+from typing import NamedTuple
+
+from .libbpf import BpfObject, ProbeError, RingReader, num_possible_cpus
+
+log = logging.getLogger("kubesight.probe.l7")
+
+__all__ = [
+    "CAPTURE_MAX",
+    "COUNTER_NAMES",
+    "L7EventHeader",
+    "L7Kind",
+    "L7Probe",
+    "L7Role",
+    "RawEvent",
+    "L7_ACCEPT",
+    "L7_CLOSE",
+    "L7_CONNECT",
+    "L7_DATA_IN",
+    "L7_DATA_OUT",
+    "L7_ROLE_CLIENT",
+    "L7_ROLE_SERVER",
+    "L7_ROLE_UNKNOWN",
+]
+
+CAPTURE_MAX = 8192  # L7_CAPTURE_MAX in l7.h (tested)
+POLL_INTERVAL_S = 0.005  # events come without wakeup: how often poll() looks again
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+class L7Kind(IntEnum):
+    """enum l7_kind."""
+
+    CONNECT = 1
+    ACCEPT = 2
+    DATA_OUT = 3
+    DATA_IN = 4
+    CLOSE = 5
+
+
+class L7Role(IntEnum):
+    """enum l7_role."""
+
+    UNKNOWN = 0
+    CLIENT = 1
+    SERVER = 2
+
+
+L7_CONNECT, L7_ACCEPT, L7_DATA_OUT, L7_DATA_IN, L7_CLOSE = (int(k) for k in L7Kind)
+L7_ROLE_UNKNOWN, L7_ROLE_CLIENT, L7_ROLE_SERVER = (int(r) for r in L7Role)
+
+# enum l7_counter, in order, without the L7_CNT_ prefix (tested against the BTF).
+COUNTER_NAMES = (
+    "events",
+    "ringbuf_drops",
+    "truncated",
+    "skipped_not_socket",
+    "skipped_not_tcp",
+    "inflight_full",
+    "conn_table_full",
+    "payload_read_failed",
+)
+
+
+class L7EventHeader(ctypes.Structure):
+    """struct l7_event up to payload[] (the payload follows, cap_len bytes)."""
+
+    _fields_ = [
+        ("kind", ctypes.c_uint8),
+        ("role", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("_pad0", ctypes.c_uint8),
+        ("lport", ctypes.c_uint16),
+        ("rport", ctypes.c_uint16),
+        ("tgid", ctypes.c_uint32),
+        ("fd", ctypes.c_int32),
+        ("conn_id", ctypes.c_uint64),
+        ("ts_ns", ctypes.c_uint64),
+        ("size", ctypes.c_int64),
+        ("cap_len", ctypes.c_uint32),
+        ("_pad1", ctypes.c_uint32),
+        ("laddr", ctypes.c_uint8 * 16),
+        ("raddr", ctypes.c_uint8 * 16),
+        ("comm", ctypes.c_char * 16),
+    ]
+
+
+_STRUCT_CODES = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I",
+                 ctypes.c_int32: "i", ctypes.c_uint64: "Q", ctypes.c_int64: "q"}
+
+
+def struct_format(cls: type[ctypes.Structure]) -> str:
+    """A little-endian struct format with the same offsets as a ctypes Structure."""
+    fmt, pos = "<", 0
+    for name, ctype in cls._fields_:
+        off = getattr(cls, name).offset
+        if off > pos:
+            fmt += f"{off - pos}x"
+        code = _STRUCT_CODES.get(ctype)
+        fmt += code if code else f"{ctypes.sizeof(ctype)}s"  # byte arrays
+        pos = off + ctypes.sizeof(ctype)
+    return fmt + (f"{ctypes.sizeof(cls) - pos}x" if ctypes.sizeof(cls) > pos else "")
+
+
+HEADER = struct.Struct(struct_format(L7EventHeader))
+# What the drain hands over per record: u32 record length, then the header.
+_RECORD = struct.Struct("<I" + HEADER.format[1:])
+
+
+class RawEvent(NamedTuple):
+    """One kernel event, decoded but not interpreted (the probe does not parse protocols)."""
+
+    kind: int  # L7Kind
+    conn_id: int  # unique per probe instance
+    role: int  # L7Role
+    tgid: int
+    comm: str
+    family: int  # socket.AF_INET or AF_INET6
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+    ts_ns: int  # CLOCK_MONOTONIC
+    size: int  # syscall return value: bytes transferred (connect: 0 or -EINPROGRESS)
+    payload: bytes  # first min(size, capture_bytes) bytes
+
+
+def _default_bpf_dir() -> Path:
+    env = os.environ.get("KUBESIGHT_BPF_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "bpf" / "build"
+
+
+def _ensure_tracefs() -> None:
+    """libbpf finds tracepoint ids in tracefs; it is not always mounted."""
+    if (TRACEFS / "events").is_dir():
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"nodev", bytes(TRACEFS), b"tracefs", 0, None) != 0:
+        err = ctypes.get_errno()
+        raise ProbeError(f"mount tracefs at {TRACEFS}: {os.strerror(err)}") from OSError(
+            err, os.strerror(err)
+        )
+    log.info("mounted tracefs at %s", TRACEFS)
+
+
+class L7Probe:
+    """TCP connect/accept/close and socket payload events for every process but excluded ones.
+
+    ``filter_all=True`` attaches everything but drops every event at the first check: the cost
+    floor of the tracepoints, for benchmarks.
+    """
+
+    def __init__(
+        self,
+        *,
+        capture_bytes: int = 4096,
+        ringbuf_bytes: int = 16 << 20,
+        exclude_tgids: tuple[int, ...] | list[int] = (),
+        filter_all: bool = False,
+        bpf_dir: Path | str | None = None,
+    ) -> None:
+        if not 0 <= capture_bytes <= CAPTURE_MAX:
+            raise ValueError(f"capture_bytes must be within 0..{CAPTURE_MAX}: {capture_bytes}")
+        page = os.sysconf("SC_PAGESIZE")
+        if ringbuf_bytes < page or ringbuf_bytes & (ringbuf_bytes - 1):
+            raise ValueError(f"ringbuf_bytes must be a power of two ≥ {page}: {ringbuf_bytes}")
+        self.capture_bytes = capture_bytes
+        self.ringbuf_bytes = ringbuf_bytes
+        self.filter_all = filter_all
+        self.bpf_dir = Path(bpf_dir) if bpf_dir is not None else _default_bpf_dir()
+        self._excluded = {os.getpid(), *exclude_tgids}
+        self._obj: BpfObject | None = None
+        self._reader: RingReader | None = None
+        self._ncpu = num_possible_cpus()
+        self._out: list[RawEvent] = []
+        self._v4: dict[bytes, str] = {}
+        self._v6: dict[bytes, str] = {}
+        self._comms: dict[bytes, str] = {}
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """open → configure → load → attach. Raises ProbeLoadError / ProbeAttachError."""
+        _ensure_tracefs()
+        obj = BpfObject.open(self.bpf_dir / "l7.bpf.o")
+        try:
+            obj.set_rodata({
+                "capture_bytes": self.capture_bytes.to_bytes(4, "little"),
+                "filter_all": bytes([self.filter_all]),
+            })
+            obj.resize_map("events", max_entries=self.ringbuf_bytes)
+            obj.load()
+            self._obj = obj
+            # Exclusions go in before attach: not one event from an excluded process.
+            for tgid in sorted(self._excluded):
+                self.exclude_tgid(tgid)
+            hooks = obj.attach_all()
+            self._reader = RingReader(obj.map_fd("events"), self.ringbuf_bytes,
+                                      self.bpf_dir / "libksdrain.so")
+        except BaseException:
+            self._obj = None
+            obj.close()
+            raise
+        log.info("l7 probe attached %d hooks (%s); capture %d bytes, ring %d MiB, drain %s%s",
+                 len(hooks), ", ".join(h.rsplit("/", 1)[-1] for h in hooks), self.capture_bytes,
+                 self.ringbuf_bytes >> 20, self._reader.mode,
+                 ", filtering everything" if self.filter_all else "")
+
+    def exclude_tgid(self, tgid: int) -> None:
+        """Drop every event of this process in the kernel, from now on."""
+        self._excluded.add(tgid)
+        if self._obj is not None:
+            self._obj.map_update("excluded_tgids", tgid.to_bytes(4, "little"), b"\x01")
+
+    def close(self) -> None:
+        """Detach all programs and free maps; safe to call twice."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+
+    def __enter__(self) -> L7Probe:
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # --- draining --------------------------------------------------------------------------
+
+    def poll(self, timeout_ms: int = 0) -> list[RawEvent]:
+        """Every event available now; if none, look again every few ms until timeout_ms."""
+        if self._reader is None:
+            raise ProbeError("poll() before start()")
+        deadline = time.monotonic() + timeout_ms / 1000
+        while True:
+            self._reader.drain(self._decode)
+            if self._out or time.monotonic() >= deadline:
+                out, self._out = self._out, []
+                return out
+            time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+
+    def _decode(self, view: memoryview, used: int) -> None:
+        # Hot path: one unpack per record, cached strings for addresses and process names.
+        unpack, rec_size, append = _RECORD.unpack_from, _RECORD.size, self._out.append
+        v4, v6, comms = self._v4, self._v6, self._comms
+        off = 0
+        while off < used:
+            (length, kind, role, family, _, lport, rport, tgid, _, conn_id, ts_ns, size, cap_len,
+             _, laddr, raddr, comm) = unpack(view, off)
+            if family == socket.AF_INET:
+                la = v4.get(laddr) or v4.setdefault(laddr, socket.inet_ntop(family, laddr[:4]))
+                ra = v4.get(raddr) or v4.setdefault(raddr, socket.inet_ntop(family, raddr[:4]))
+            else:
+                la = v6.get(laddr) or v6.setdefault(laddr, socket.inet_ntop(family, laddr))
+                ra = v6.get(raddr) or v6.setdefault(raddr, socket.inet_ntop(family, raddr))
+            name = comms.get(comm)
+            if name is None:
+                name = comms[comm] = comm.split(b"\0", 1)[0].decode(errors="replace")
+            start = off + rec_size
+            append(RawEvent(kind, conn_id, role, tgid, name, family, la, lport, ra, rport,
+                            ts_ns, size, view[start:start + cap_len].tobytes()))
+            off += 4 + length
+
+    # --- health ----------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        """Kernel counters (enum l7_counter) summed over CPUs."""
+        if self._obj is None:
+            raise ProbeError("counters() before start()")
+        out = {}
+        for idx, name in enumerate(COUNTER_NAMES):
+            raw = self._obj.map_lookup("counters", idx.to_bytes(4, "little"), 8 * self._ncpu)
+            out[name] = sum(struct.unpack(f"<{self._ncpu}Q", raw)) if raw else 0
+        return out
+
+    @property
+    def drain_mode(self) -> str:
+        """'c-batch' (libksdrain.so) or 'ctypes-callback' (fallback)."""
+        return self._reader.mode if self._reader else "stopped"

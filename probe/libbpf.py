@@ -1,0 +1,383 @@
+"""A thin ctypes binding over the system libbpf (``libbpf.so.1``), just what the probes need.
+
+The loader is a straight line: ``BpfObject.open`` → ``set_rodata`` / ``resize_map`` →
+``load`` → ``attach_all`` → map access and ring-buffer draining → ``close``. libbpf reports
+failures as negative errno values; they become ``OSError`` inside this module and are
+translated once, at this module's public boundary, into the probe's own exceptions::
+
+    ProbeError                  anything the kernel side refused
+    ├── ProbeLoadError          open, configure or load failed (message carries the verifier log)
+    ├── ProbeAttachError        one program could not be attached ("attach tp/syscalls/...")
+    └── ProbeMapError           a map lookup, update or ring-buffer setup failed
+
+Each is raised ``from`` the ``OSError`` that carries the errno. libbpf's own log is routed into
+the ``kubesight.probe.libbpf`` logger (debug messages at DEBUG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("kubesight.probe.libbpf")
+
+__all__ = [
+    "BpfObject",
+    "ProbeAttachError",
+    "ProbeError",
+    "ProbeLoadError",
+    "ProbeMapError",
+    "RingReader",
+    "num_possible_cpus",
+]
+
+
+class ProbeError(Exception):
+    """The kernel side of the probe could not be set up or used."""
+
+
+class ProbeLoadError(ProbeError):
+    """Opening, configuring or loading a BPF object failed; the message has the verifier log."""
+
+
+class ProbeAttachError(ProbeError):
+    """Attaching one BPF program failed; the message names its section."""
+
+
+class ProbeMapError(ProbeError):
+    """A BPF map operation failed."""
+
+
+_c_void_p = ctypes.c_void_p
+_lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _fn(name: str, restype: Any, *argtypes: Any) -> Any:
+    f = getattr(_lib, name)
+    f.restype = restype
+    f.argtypes = list(argtypes)
+    return f
+
+
+_open_file = _fn("bpf_object__open_file", _c_void_p, ctypes.c_char_p, _c_void_p)
+_obj_load = _fn("bpf_object__load", ctypes.c_int, _c_void_p)
+_obj_close = _fn("bpf_object__close", None, _c_void_p)
+_obj_btf = _fn("bpf_object__btf", _c_void_p, _c_void_p)
+_find_map = _fn("bpf_object__find_map_by_name", _c_void_p, _c_void_p, ctypes.c_char_p)
+_next_prog = _fn("bpf_object__next_program", _c_void_p, _c_void_p, _c_void_p)
+_prog_section = _fn("bpf_program__section_name", ctypes.c_char_p, _c_void_p)
+_prog_attach = _fn("bpf_program__attach", _c_void_p, _c_void_p)
+_prog_fd = _fn("bpf_program__fd", ctypes.c_int, _c_void_p)
+_link_destroy = _fn("bpf_link__destroy", ctypes.c_int, _c_void_p)
+_map_fd = _fn("bpf_map__fd", ctypes.c_int, _c_void_p)
+_map_set_max_entries = _fn("bpf_map__set_max_entries", ctypes.c_int, _c_void_p, ctypes.c_uint32)
+_map_set_value_size = _fn("bpf_map__set_value_size", ctypes.c_int, _c_void_p, ctypes.c_uint32)
+_map_max_entries = _fn("bpf_map__max_entries", ctypes.c_uint32, _c_void_p)
+_map_value_size = _fn("bpf_map__value_size", ctypes.c_uint32, _c_void_p)
+_map_initial_value = _fn(
+    "bpf_map__initial_value", _c_void_p, _c_void_p, ctypes.POINTER(ctypes.c_size_t)
+)
+_update_elem = _fn("bpf_map_update_elem", ctypes.c_int, ctypes.c_int, _c_void_p, _c_void_p,
+                   ctypes.c_uint64)
+_lookup_elem = _fn("bpf_map_lookup_elem", ctypes.c_int, ctypes.c_int, _c_void_p, _c_void_p)
+_delete_elem = _fn("bpf_map_delete_elem", ctypes.c_int, ctypes.c_int, _c_void_p)
+_num_cpus = _fn("libbpf_num_possible_cpus", ctypes.c_int)
+_btf_find = _fn("btf__find_by_name_kind", ctypes.c_int, _c_void_p, ctypes.c_char_p,
+                ctypes.c_uint32)
+_btf_type = _fn("btf__type_by_id", _c_void_p, _c_void_p, ctypes.c_uint32)
+_btf_name = _fn("btf__name_by_offset", ctypes.c_char_p, _c_void_p, ctypes.c_uint32)
+
+_SAMPLE_CB = ctypes.CFUNCTYPE(ctypes.c_int, _c_void_p, _c_void_p, ctypes.c_size_t)
+_rb_new = _fn("ring_buffer__new", _c_void_p, ctypes.c_int, _SAMPLE_CB, _c_void_p, _c_void_p)
+_rb_consume = _fn("ring_buffer__consume", ctypes.c_int, _c_void_p)
+_rb_free = _fn("ring_buffer__free", None, _c_void_p)
+
+_BTF_KIND_DATASEC = 15
+
+
+class _BtfType(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32),
+                ("size_or_type", ctypes.c_uint32)]
+
+
+class _BtfVarSecinfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("offset", ctypes.c_uint32),
+                ("size", ctypes.c_uint32)]
+
+
+# --- libbpf's log → Python logging; load() also collects it for the error message ----------
+
+_PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_char_p, _c_void_p)
+_vsnprintf = _libc.vsnprintf
+_vsnprintf.restype = ctypes.c_int
+_vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, _c_void_p]
+_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}  # enum libbpf_print_level
+_capture = threading.local()
+
+
+def _print(level: int, fmt: bytes, va_list: int) -> int:
+    # The verifier log can be long; libbpf prints it in one call.
+    buf = ctypes.create_string_buffer(1 << 20)
+    n = _vsnprintf(buf, len(buf), fmt, va_list)
+    text = buf.raw[: max(0, min(n, len(buf) - 1))].decode(errors="replace")
+    sink = getattr(_capture, "lines", None)
+    if sink is not None and level < 2:
+        sink.append(text)
+    log.log(_LEVELS.get(level, logging.DEBUG), "%s", text.rstrip())
+    return 0
+
+
+_print_cb = _PRINT_FN(_print)  # kept alive for the process lifetime
+_fn("libbpf_set_print", _c_void_p, _PRINT_FN)(_print_cb)
+
+
+def _check(rc: int, what: str) -> int:
+    """libbpf ≥1.0 returns -errno; turn it into OSError."""
+    if rc < 0:
+        raise OSError(-rc, f"{what}: {os.strerror(-rc)}")
+    return rc
+
+
+def _check_ptr(ptr: int | None, what: str) -> int:
+    if not ptr:
+        err = ctypes.get_errno() or errno.EINVAL
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return ptr
+
+
+def num_possible_cpus() -> int:
+    return _check(_num_cpus(), "libbpf_num_possible_cpus")
+
+
+class BpfObject:
+    """One opened BPF object file: configure it, load it, attach its programs, use its maps."""
+
+    def __init__(self, path: Path, obj: int) -> None:
+        self.path = path
+        self._obj: int | None = obj
+        self._links: list[tuple[str, int]] = []
+        self.loaded = False
+
+    @classmethod
+    def open(cls, path: Path) -> BpfObject:
+        try:
+            obj = _check_ptr(_open_file(os.fsencode(path), None), f"open {path}")
+        except OSError as exc:
+            raise ProbeLoadError(f"open {path}: {exc.strerror}") from exc
+        return cls(path, obj)
+
+    # --- configure (before load) -----------------------------------------------------------
+
+    def _map(self, name: str) -> int:
+        ptr = _find_map(self._obj, name.encode())
+        if not ptr:
+            raise ProbeLoadError(f"{self.path.name}: no map named {name!r}")
+        return int(ptr)
+
+    def rodata_offsets(self, section: str = ".rodata") -> dict[str, tuple[int, int]]:
+        """Variable name → (offset, size) in a data section, read from the object's BTF."""
+        btf = _obj_btf(self._obj)
+        sec_id = _btf_find(btf, section.encode(), _BTF_KIND_DATASEC) if btf else -1
+        if sec_id < 0:
+            raise ProbeLoadError(f"{self.path.name}: no BTF for section {section}")
+        sec = _BtfType.from_address(_btf_type(btf, sec_id))
+        vlen = sec.info & 0xFFFF
+        infos = (_BtfVarSecinfo * vlen).from_address(
+            _btf_type(btf, sec_id) + ctypes.sizeof(_BtfType)
+        )
+        out = {}
+        for info in infos:
+            var = _BtfType.from_address(_btf_type(btf, info.type))
+            out[_btf_name(btf, var.name_off).decode()] = (info.offset, info.size)
+        return out
+
+    def set_rodata(self, values: dict[str, bytes]) -> None:
+        """Write `const volatile` variables (raw little-endian bytes) before load."""
+        offsets = self.rodata_offsets()
+        size = ctypes.c_size_t()
+        base = _map_initial_value(self._map(".rodata"), ctypes.byref(size))
+        if not base:
+            raise ProbeLoadError(f"{self.path.name}: .rodata has no initial value")
+        for name, raw in values.items():
+            if name not in offsets:
+                raise ProbeLoadError(f"{self.path.name}: no const volatile {name!r}")
+            off, width = offsets[name]
+            if len(raw) != width or off + width > size.value:
+                raise ProbeLoadError(f"{name}: expected {width} bytes, got {len(raw)}")
+            ctypes.memmove(base + off, raw, width)
+
+    def resize_map(self, name: str, *, max_entries: int | None = None,
+                   value_size: int | None = None) -> None:
+        m = self._map(name)
+        try:
+            if max_entries is not None:
+                _check(_map_set_max_entries(m, max_entries), f"{name}: set_max_entries")
+            if value_size is not None:
+                _check(_map_set_value_size(m, value_size), f"{name}: set_value_size")
+        except OSError as exc:
+            raise ProbeLoadError(str(exc)) from exc
+
+    # --- load and attach -------------------------------------------------------------------
+
+    def load(self) -> None:
+        _capture.lines = []
+        try:
+            _check(_obj_load(self._obj), f"load {self.path.name}")
+        except OSError as exc:
+            verifier_log = "".join(_capture.lines).strip()
+            raise ProbeLoadError(f"{exc.strerror}\n{verifier_log}") from exc
+        finally:
+            _capture.lines = None
+        self.loaded = True
+
+    def programs(self) -> Iterator[tuple[str, int]]:
+        """(section name, struct bpf_program *) for every program in the object."""
+        prog = _next_prog(self._obj, None)
+        while prog:
+            yield _prog_section(prog).decode(), prog
+            prog = _next_prog(self._obj, prog)
+
+    def attach_all(self) -> list[str]:
+        """Attach every program by its section; returns the sections attached."""
+        for section, prog in self.programs():
+            try:
+                link = _check_ptr(_prog_attach(prog), f"attach {section}")
+            except OSError as exc:
+                raise ProbeAttachError(f"attach {section}") from exc
+            self._links.append((section, link))
+        return [section for section, _ in self._links]
+
+    def program_fds(self) -> dict[str, int]:
+        return {section: _prog_fd(prog) for section, prog in self.programs()}
+
+    # --- maps ------------------------------------------------------------------------------
+
+    def map_fd(self, name: str) -> int:
+        return _map_fd(self._map(name))
+
+    def map_max_entries(self, name: str) -> int:
+        return int(_map_max_entries(self._map(name)))
+
+    def map_update(self, name: str, key: bytes, value: bytes) -> None:
+        try:
+            _check(_update_elem(self.map_fd(name), key, value, 0), f"update {name}")
+        except OSError as exc:
+            raise ProbeMapError(str(exc)) from exc
+
+    def map_delete(self, name: str, key: bytes) -> None:
+        rc = _delete_elem(self.map_fd(name), key)
+        if rc < 0 and -rc != errno.ENOENT:
+            raise ProbeMapError(f"delete {name}: {os.strerror(-rc)}") from OSError(-rc, name)
+
+    def map_lookup(self, name: str, key: bytes, value_size: int) -> bytes | None:
+        """Raw value bytes, or None if absent. Per-CPU maps: value_size covers all CPUs,
+        each slot rounded up to 8 bytes."""
+        buf = ctypes.create_string_buffer(value_size)
+        rc = _lookup_elem(self.map_fd(name), key, buf)
+        if rc < 0:
+            if -rc == errno.ENOENT:
+                return None
+            raise ProbeMapError(f"lookup {name}: {os.strerror(-rc)}") from OSError(-rc, name)
+        return buf.raw
+
+    # --- teardown --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Detach every link, then free the object (and with it programs and maps)."""
+        while self._links:
+            section, link = self._links.pop()
+            if _link_destroy(link) < 0:
+                log.warning("detach %s failed", section)
+        if self._obj:
+            _obj_close(self._obj)
+            self._obj = None
+
+
+class _DrainLib:
+    """libksdrain.so (bpf/drain.c): copies every available record in one C call."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path), use_errno=True)
+        self.open = lib.ks_ring_open
+        self.open.restype = _c_void_p
+        self.open.argtypes = [ctypes.c_int, ctypes.c_size_t]
+        self.close = lib.ks_ring_close
+        self.close.restype = None
+        self.close.argtypes = [_c_void_p]
+        self.drain = lib.ks_ring_drain
+        self.drain.restype = ctypes.c_size_t
+        self.drain.argtypes = [_c_void_p, _c_void_p, ctypes.c_size_t,
+                               ctypes.POINTER(ctypes.c_uint64)]
+
+
+class RingReader:
+    """Drains a BPF ring buffer in batches.
+
+    ``drain(on_batch)`` calls ``on_batch(buf, nbytes)`` with records laid out as
+    ``[u32 length][record]`` back to back, until the ring is empty. With libksdrain.so this is
+    one C call per batch; without it, libbpf's ring_buffer__consume with a ctypes callback
+    per record (about half the rate) fills the same layout.
+    """
+
+    def __init__(self, map_fd: int, size: int, drain_so: Path | None,
+                 batch_bytes: int = 4 << 20) -> None:
+        self._buf = ctypes.create_string_buffer(batch_bytes)
+        self._view = memoryview(self._buf).cast("B")
+        self._ring: int | None = None
+        self._rb: int | None = None
+        self._lib: _DrainLib | None = None
+        if drain_so is not None and drain_so.exists():
+            self._lib = _DrainLib(drain_so)
+            try:
+                self._ring = _check_ptr(self._lib.open(map_fd, size), "mmap ring buffer")
+            except OSError as exc:
+                raise ProbeMapError(str(exc)) from exc
+            self.mode = "c-batch"
+        else:
+            self._chunks: list[bytes] = []
+            self._cb = _SAMPLE_CB(self._on_sample)
+            try:
+                self._rb = _check_ptr(_rb_new(map_fd, self._cb, None, None), "ring_buffer__new")
+            except OSError as exc:
+                raise ProbeMapError(str(exc)) from exc
+            self.mode = "ctypes-callback"
+
+    def _on_sample(self, _ctx: int, data: int, size: int) -> int:
+        self._chunks.append(size.to_bytes(4, "little") + ctypes.string_at(data, size))
+        return 0
+
+    def drain(self, on_batch: Callable[[memoryview, int], None]) -> int:
+        """Hand every available record to on_batch; returns the number of records."""
+        total = 0
+        if self._lib is not None:
+            nrec = ctypes.c_uint64()
+            while True:
+                used = self._lib.drain(self._ring, self._buf, len(self._buf), ctypes.byref(nrec))
+                if not used:
+                    return total
+                total += nrec.value
+                on_batch(self._view, used)
+        n = _rb_consume(self._rb)
+        if n < 0:
+            raise ProbeMapError(f"ring_buffer__consume: {os.strerror(-n)}")
+        if self._chunks:
+            joined = b"".join(self._chunks)
+            self._chunks.clear()
+            on_batch(memoryview(joined), len(joined))
+        return n
+
+    def close(self) -> None:
+        if self._ring is not None and self._lib is not None:
+            self._lib.close(self._ring)
+            self._ring = None
+        if self._rb is not None:
+            _rb_free(self._rb)
+            self._rb = None
