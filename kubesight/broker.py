@@ -288,6 +288,15 @@ class LocalBroker:
         if pid is None:
             return None
         if self._is_our_broker(pid):
+            try:
+                running = self.properties_path.read_text()
+            except OSError:
+                running = ""
+            if running != self._server_properties():
+                raise BrokerError(
+                    f"a Kafka broker from {self.dir} is already running (pid {pid}) with "
+                    f"different settings than requested ({self.bootstrap}); stop it first"
+                )
             return pid
         log.info("removing stale pid file %s (pid %d is not running a broker)", self.pid_path, pid)
         self.pid_path.unlink(missing_ok=True)
