@@ -115,22 +115,44 @@ _STRUCT_CODES = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I"
                  ctypes.c_int32: "i", ctypes.c_uint64: "Q", ctypes.c_int64: "q"}
 
 
-def struct_format(cls: type[ctypes.Structure]) -> str:
-    """A little-endian struct format with the same offsets as a ctypes Structure."""
+def struct_format(cls: type[ctypes.Structure], *, skip: frozenset[str] = frozenset(),
+                  join: tuple[str, ...] = ()) -> str:
+    """A little-endian struct format with the same offsets as a ctypes Structure.
+
+    Fields in ``skip`` become pad bytes; the contiguous byte-array fields in ``join`` become
+    one ``s`` field (one bytes object and one cache lookup per event instead of several).
+    """
+    names = [name for name, _ in cls._fields_]
+    if join:
+        first = names.index(join[0])
+        end = getattr(cls, join[-1]).offset + ctypes.sizeof(dict(cls._fields_)[join[-1]])
+        if names[first:first + len(join)] != list(join) or end - getattr(
+                cls, join[0]).offset != sum(ctypes.sizeof(dict(cls._fields_)[j]) for j in join):
+            raise ValueError(f"{cls.__name__}: {join} are not adjacent fields without gaps")
     fmt, pos = "<", 0
     for name, ctype in cls._fields_:
-        off = getattr(cls, name).offset
+        off, size = getattr(cls, name).offset, ctypes.sizeof(ctype)
         if off > pos:
             fmt += f"{off - pos}x"
-        code = _STRUCT_CODES.get(ctype)
-        fmt += code if code else f"{ctypes.sizeof(ctype)}s"  # byte arrays
-        pos = off + ctypes.sizeof(ctype)
+        if name in join[1:]:
+            pass  # inside the field opened by join[0]
+        elif join and name == join[0]:
+            fmt += f"{end - off}s"
+        elif name in skip:
+            fmt += f"{size}x"
+        else:
+            fmt += _STRUCT_CODES.get(ctype) or f"{size}s"  # byte arrays
+        pos = off + size
     return fmt + (f"{ctypes.sizeof(cls) - pos}x" if ctypes.sizeof(cls) > pos else "")
 
 
 HEADER = struct.Struct(struct_format(L7EventHeader))
-# What the drain hands over per record: u32 record length, then the header.
-_RECORD = struct.Struct("<I" + HEADER.format[1:])
+# What the drain hands over per record: u32 record length, then the header, decoded with the
+# pads and fd skipped and laddr + raddr + comm as one 48-byte field.
+_RECORD = struct.Struct("<I" + struct_format(
+    L7EventHeader, skip=frozenset({"_pad0", "_pad1", "fd"}), join=("laddr", "raddr", "comm")
+)[1:])
+_NAMES_CACHE_MAX = 8192  # distinct (laddr, raddr, comm) combinations kept decoded
 
 
 class RawEvent(NamedTuple):
@@ -149,6 +171,35 @@ class RawEvent(NamedTuple):
     ts_ns: int  # CLOCK_MONOTONIC
     size: int  # syscall return value: bytes transferred (connect: 0 or -EINPROGRESS)
     payload: bytes  # first min(size, capture_bytes) bytes
+
+
+def _decode_names(family: int, raw: bytes) -> tuple[str, str, str]:
+    """laddr[16] raddr[16] comm[16] → (laddr, raddr, comm) strings."""
+    width = 4 if family == socket.AF_INET else 16
+    return (socket.inet_ntop(family, raw[:width]), socket.inet_ntop(family, raw[16:16 + width]),
+            raw[32:].split(b"\0", 1)[0].decode(errors="replace"))
+
+
+def decode_records(view: memoryview | bytes, used: int, out: list[RawEvent],
+                   names: dict[bytes, tuple[str, str, str]]) -> None:
+    """Append one RawEvent per ``[u32 length][struct l7_event]`` record in view[:used].
+
+    The hot path (~500-600k events/s here): one copy of the batch, one unpack per record,
+    address and process-name strings decoded once per distinct (laddr, raddr, comm) in `names`.
+    """
+    unpack, rec_size, append, new = _RECORD.unpack_from, _RECORD.size, out.append, tuple.__new__
+    data = bytes(view[:used])
+    off = 0
+    while off < used:
+        (length, kind, role, family, lport, rport, tgid, conn_id, ts_ns, size, cap_len,
+         raw) = unpack(data, off)
+        decoded = names.get(raw)
+        if decoded is None:
+            decoded = names[raw] = _decode_names(family, raw)
+        start = off + rec_size
+        append(new(RawEvent, (kind, conn_id, role, tgid, decoded[2], family, decoded[0], lport,
+                              decoded[1], rport, ts_ns, size, data[start:start + cap_len])))
+        off += 4 + length
 
 
 def _default_bpf_dir() -> Path:
@@ -201,9 +252,7 @@ class L7Probe:
         self._reader: RingReader | None = None
         self._ncpu = num_possible_cpus()
         self._out: list[RawEvent] = []
-        self._v4: dict[bytes, str] = {}
-        self._v6: dict[bytes, str] = {}
-        self._comms: dict[bytes, str] = {}
+        self._names: dict[bytes, tuple[str, str, str]] = {}
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -272,26 +321,9 @@ class L7Probe:
             time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
 
     def _decode(self, view: memoryview, used: int) -> None:
-        # Hot path: one unpack per record, cached strings for addresses and process names.
-        unpack, rec_size, append = _RECORD.unpack_from, _RECORD.size, self._out.append
-        v4, v6, comms = self._v4, self._v6, self._comms
-        off = 0
-        while off < used:
-            (length, kind, role, family, _, lport, rport, tgid, _, conn_id, ts_ns, size, cap_len,
-             _, laddr, raddr, comm) = unpack(view, off)
-            if family == socket.AF_INET:
-                la = v4.get(laddr) or v4.setdefault(laddr, socket.inet_ntop(family, laddr[:4]))
-                ra = v4.get(raddr) or v4.setdefault(raddr, socket.inet_ntop(family, raddr[:4]))
-            else:
-                la = v6.get(laddr) or v6.setdefault(laddr, socket.inet_ntop(family, laddr))
-                ra = v6.get(raddr) or v6.setdefault(raddr, socket.inet_ntop(family, raddr))
-            name = comms.get(comm)
-            if name is None:
-                name = comms[comm] = comm.split(b"\0", 1)[0].decode(errors="replace")
-            start = off + rec_size
-            append(RawEvent(kind, conn_id, role, tgid, name, family, la, lport, ra, rport,
-                            ts_ns, size, view[start:start + cap_len].tobytes()))
-            off += 4 + length
+        if len(self._names) > _NAMES_CACHE_MAX:
+            self._names.clear()
+        decode_records(view, used, self._out, self._names)
 
     # --- health ----------------------------------------------------------------------------
 
