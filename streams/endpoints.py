@@ -15,9 +15,13 @@ MAX_SEGMENTS = 6
 MAX_LENGTH = 128
 MAX_SEGMENT_LENGTH = 48  # longer segments are almost always generated
 
-_UUID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
+_UUID = re.compile(
+    r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
+)
 _HEX_ID = re.compile(r"(?:0x)?[0-9a-fA-F]{8,}")
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?")
+_DATE = re.compile(
+    r"\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?"
+)
 _EMAIL = re.compile(r"[^@\s]+(?:@|%40)[^@\s]+\.[A-Za-z]{2,}")
 _TOKEN = re.compile(r"[A-Za-z0-9_\-+=~.%]{16,}")  # base64, base64url, JWT parts, slugs of ids
 _MIXED = re.compile(r"(?=.*[a-z])(?=.*[A-Z])(?=.*\d)[A-Za-z0-9_\-]{10,}")

@@ -45,9 +45,7 @@ _METHOD_NAMES = {
 }  # fmt: skip
 _METHOD_SPAN = max(len(m) for m in _METHOD_NAMES) + 1  # where the space after a method must be
 # Every prefix of "METHOD ", so a start line cut after a few bytes can still be recognised.
-_REQUEST_PREFIXES = frozenset(
-    (m + b" ")[:i] for m in _METHOD_NAMES for i in range(1, len(m) + 2)
-)
+_REQUEST_PREFIXES = frozenset((m + b" ")[:i] for m in _METHOD_NAMES for i in range(1, len(m) + 2))
 _STATUS_PREFIX = b"HTTP/1."
 _CHUNKED_END = b"0\r\n\r\n"
 _HEX = b"0123456789abcdefABCDEF"
@@ -217,6 +215,13 @@ class _Reader:
             return _is_request_start(payload, 0)
         return payload.startswith(_STATUS_PREFIX)
 
+    def resumes_at(self, payload: bytes, whole: bool) -> bool:
+        """Whether a lost reader can pick up at this event: it starts a message, or is
+        entirely a start line's first bytes (a client may write "G" then "ET / ...")."""
+        if self.starts_message(payload):
+            return True
+        return whole and 0 < len(payload) < _METHOD_SPAN and _could_start(payload, 0, self.requests)
+
     def feed(self, ts: int, size: int, payload: bytes) -> None:
         n = len(payload)
         if size < n:  # the syscall moved fewer bytes than were captured: trust the syscall
@@ -224,7 +229,7 @@ class _Reader:
             n = len(payload)
             size = n
         if self.state >= _UNTIL_CLOSE:
-            if self.state == _LOST and self.starts_message(payload):
+            if self.state == _LOST and self.resumes_at(payload, size == n):
                 self.end_lost()
                 self.conn.counters.resyncs += 1
             else:
@@ -234,7 +239,7 @@ class _Reader:
         pos = 0
         while pos < n:
             state = self.state
-            if state == _LENGTH or state == _CHUNK_DATA:
+            if state in (_LENGTH, _CHUNK_DATA):
                 msg = self.msg
                 assert msg is not None
                 take = n - pos
@@ -358,22 +363,19 @@ class _Reader:
 
     def _lose_head(self, ts: int, consumed: int) -> None:
         """The head will not be seen whole: keep what its start line tells, then lose sync."""
-        buf = bytes(self.head[:MAX_PATH + 64])
-        msg = _Message(self.head_ns, consumed)
+        buf = bytes(self.head[: MAX_PATH + 64])
+        line = _first_line(buf)
+        msg: _Message | None = None
         if self.requests:
-            parsed = _parse_request_line(_first_line(buf), strict=False)
-            if parsed is None:
-                msg = None
-            else:
+            parsed = _parse_request_line(line, strict=False)
+            if parsed is not None:
+                msg = _Message(self.head_ns, consumed)
                 msg.method, msg.target = parsed
                 self.conn.request_started(msg)
-        else:
-            msg.status = _parse_status(_first_line(buf))
-            if msg.status < 0 and not buf.startswith(_STATUS_PREFIX):
-                msg = None
-            else:
-                msg.nbytes += self.interim_bytes
-                self.interim_bytes = 0
+        elif buf.startswith(_STATUS_PREFIX[: len(buf)]) and len(buf) >= 5:
+            msg = _Message(self.head_ns, consumed + self.interim_bytes)
+            msg.status = _parse_status(line)
+            self.interim_bytes = 0
         if msg is None:
             self.conn.counters.unparsed_bytes += consumed
         self.msg = msg
@@ -420,7 +422,7 @@ class _Reader:
             framing = _framing(block)
             if framing == 0:
                 self.message_done(ts)
-            elif framing == _NO_LENGTH or framing == _OTHER_CODING:
+            elif framing in (_NO_LENGTH, _OTHER_CODING):
                 self.state = _UNTIL_CLOSE
             else:
                 self._body(ts, framing)
@@ -477,7 +479,7 @@ class _Reader:
     def _gap(self, ts: int, gap: int) -> None:
         """``gap`` bytes were moved but not captured; frame them by the lengths already known."""
         state = self.state
-        if state == _LENGTH or state == _CHUNK_DATA:
+        if state in (_LENGTH, _CHUNK_DATA):
             msg = self.msg
             assert msg is not None
             take = min(gap, self.remaining)
@@ -494,7 +496,7 @@ class _Reader:
             state = self.state
         if state == _HEAD:
             self._lose_head(ts, len(self.head))
-        elif state == _IDLE or state == _CHUNK_SIZE or state == _CHUNK_END or state == _TRAILER:
+        elif state in (_IDLE, _CHUNK_SIZE, _CHUNK_END, _TRAILER):
             # A chunk boundary, or the next (pipelined) message, is in bytes we cannot see.
             self.lose()
         self.swallow(gap)
@@ -526,7 +528,7 @@ class Http1Connection:
     """
 
     __slots__ = ("role", "counters", "pending", "_requests", "_responses", "_requests_out",
-                 "_completed")  # fmt: skip
+                 "_completed", "_undecided")  # fmt: skip
 
     def __init__(self, role: str = "unknown") -> None:
         if role not in ("client", "server", "unknown"):
@@ -538,6 +540,8 @@ class Http1Connection:
         self._responses = _Reader(self, requests=False)
         self._requests_out = role == "client"
         self._completed: list[Request] = []
+        # Per direction, an event too short to tell the role yet: (ts, payload, size).
+        self._undecided: dict[bool, tuple[int, bytes, int]] = {}
 
     def feed(self, direction: str, ts_ns: int, size: int, payload: bytes) -> list[Request]:
         """One syscall's event ("out": this process wrote, "in": it read); returns the
@@ -553,9 +557,20 @@ class Http1Connection:
         return completed
 
     def _feed(self, out: bool, ts: int, size: int, payload: bytes) -> None:
-        if self.role == "unknown" and not self._decide_role(out, payload):
-            self.counters.unparsed_bytes += max(size, len(payload))
-            return
+        if self.role == "unknown":
+            stash = self._undecided.pop(out, None)
+            if stash is not None:  # the first bytes of a start line came as their own write
+                ts, payload, size = stash[0], stash[1] + payload, stash[2] + max(size, len(payload))
+            if not self._decide_role(out, payload):
+                if (
+                    size == len(payload)
+                    and 0 < size < _METHOD_SPAN
+                    and (_could_start(payload, 0, True) or _could_start(payload, 0, False))
+                ):
+                    self._undecided[out] = (ts, payload, size)
+                else:
+                    self.counters.unparsed_bytes += max(size, len(payload))
+                return
         requests, responses = self._requests, self._responses
         if out == self._requests_out:
             # Not pipelined: a new request ends a response whose end could not be framed.
@@ -567,10 +582,15 @@ class Http1Connection:
                 responses.end_lost()
             requests.feed(ts, size, payload)
         else:
-            if requests.state == _LOST and requests.msg is not None:
-                if responses.starts_message(payload):
-                    requests.msg.complete = False
-                    requests.msg = None  # the response starts: that request is over
+            # A final response starts: the request whose end could not be framed is over.
+            if (
+                requests.state == _LOST
+                and requests.msg is not None
+                and responses.starts_message(payload)
+                and payload[9:10] != b"1"  # 100 Continue: the request body is still to come
+            ):
+                requests.msg.complete = False
+                requests.msg = None
             responses.feed(ts, size, payload)
 
     def flush(self, ts_ns: int) -> list[Request]:
@@ -580,6 +600,9 @@ class Http1Connection:
             self._responses.flush(ts_ns)
         except Exception:
             self._reset_after_error(0)
+        for _, _, size in self._undecided.values():
+            self.counters.unparsed_bytes += size
+        self._undecided.clear()
         self.counters.unanswered_requests += len(self.pending)
         self.pending.clear()
         completed = self._completed
