@@ -25,7 +25,7 @@ import time
 from enum import IntEnum
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .libbpf import BpfObject, ProbeError, RingReader, num_possible_cpus
 
@@ -111,7 +111,7 @@ class L7EventHeader(ctypes.Structure):
     ]
 
 
-_STRUCT_CODES = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I",
+_STRUCT_CODES: dict[Any, str] = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctypes.c_uint32: "I",
                  ctypes.c_int32: "i", ctypes.c_uint64: "Q", ctypes.c_int64: "q"}
 
 
@@ -119,25 +119,27 @@ def struct_format(cls: type[ctypes.Structure], *, skip: frozenset[str] = frozens
                   join: tuple[str, ...] = ()) -> str:
     """A little-endian struct format with the same offsets as a ctypes Structure.
 
-    Fields in ``skip`` become pad bytes; the contiguous byte-array fields in ``join`` become
-    one ``s`` field (one bytes object and one cache lookup per event instead of several).
+    Fields in ``skip`` become pad bytes; the adjacent byte-array fields in ``join`` become
+    one ``s`` field (one bytes object and one cache lookup per event instead of three).
     """
-    names = [name for name, _ in cls._fields_]
+    fields: list[tuple[str, Any]] = [(f[0], f[1]) for f in cls._fields_]
+    names = [name for name, _ in fields]
     if join:
         first = names.index(join[0])
-        end = getattr(cls, join[-1]).offset + ctypes.sizeof(dict(cls._fields_)[join[-1]])
-        if names[first:first + len(join)] != list(join) or end - getattr(
-                cls, join[0]).offset != sum(ctypes.sizeof(dict(cls._fields_)[j]) for j in join):
+        start = getattr(cls, join[0]).offset
+        end = getattr(cls, join[-1]).offset + getattr(cls, join[-1]).size
+        if names[first:first + len(join)] != list(join) or end - start != sum(
+                getattr(cls, j).size for j in join):
             raise ValueError(f"{cls.__name__}: {join} are not adjacent fields without gaps")
     fmt, pos = "<", 0
-    for name, ctype in cls._fields_:
-        off, size = getattr(cls, name).offset, ctypes.sizeof(ctype)
+    for name, ctype in fields:
+        off, size = getattr(cls, name).offset, getattr(cls, name).size
         if off > pos:
             fmt += f"{off - pos}x"
         if name in join[1:]:
             pass  # inside the field opened by join[0]
         elif join and name == join[0]:
-            fmt += f"{end - off}s"
+            fmt += f"{end - start}s"
         elif name in skip:
             fmt += f"{size}x"
         else:

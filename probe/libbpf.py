@@ -261,7 +261,7 @@ class BpfObject:
     # --- maps ------------------------------------------------------------------------------
 
     def map_fd(self, name: str) -> int:
-        return _map_fd(self._map(name))
+        return int(_map_fd(self._map(name)))
 
     def map_max_entries(self, name: str) -> int:
         return int(_map_max_entries(self._map(name)))
@@ -365,7 +365,7 @@ class RingReader:
                     return total
                 total += nrec.value
                 on_batch(self._view, used)
-        n = _rb_consume(self._rb)
+        n = int(_rb_consume(self._rb))
         if n < 0:
             raise ProbeMapError(f"ring_buffer__consume: {os.strerror(-n)}")
         if self._chunks:

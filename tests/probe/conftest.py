@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from kubesight.probe.l7 import L7Probe, RawEvent
 
 REPO = Path(__file__).resolve().parents[2]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import threading
 from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from kubesight.probe.l7 import (
     L7_ACCEPT,
     L7_CLOSE,
@@ -21,6 +21,7 @@ from kubesight.probe.l7 import (
     L7Probe,
     RawEvent,
 )
+from kubesight.probe.libbpf import BpfObject, ProbeLoadError
 
 from .conftest import Nginx, poll_until
 
@@ -74,7 +75,8 @@ def test_curl_and_nginx_seen_from_both_sides(bpf_root: Path, nginx: Nginx) -> No
     assert len(responses) == N_CURLS
     for resp in responses:
         # nginx writes headers and body as two iovecs: both land in one payload, in order.
-        assert resp.payload.startswith(b"HTTP/1.1 200") and resp.payload.endswith(b"\r\n\r\nhello\n")
+        assert resp.payload.startswith(b"HTTP/1.1 200")
+        assert resp.payload.endswith(b"\r\n\r\nhello\n")
         assert resp.size == len(resp.payload)
     assert {e.conn_id for e in requests + responses} == server_conns
     assert {e.conn_id for e in of(events, L7_CLOSE, nginx.workers)} == server_conns
@@ -159,8 +161,12 @@ def test_wrk_load_loses_no_request(bpf_root: Path, nginx: Nginx) -> None:
             stop.set()
             drainer.join()
         # Requests still in flight at wrk's end: wait (bounded) until both sides agree.
-        poll_until(probe, lambda evs: (tally(evs, wrk.pid), evs.clear(), counts["wrk_sent"]
-                                       == counts["nginx_read"])[-1], timeout=5)
+        def settled(evs: list[RawEvent]) -> bool:
+            tally(evs, wrk.pid)
+            evs.clear()
+            return counts["wrk_sent"] == counts["nginx_read"]
+
+        poll_until(probe, settled, timeout=5)
         counters = probe.counters()
 
     completed = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
@@ -168,3 +174,43 @@ def test_wrk_load_loses_no_request(bpf_root: Path, nginx: Nginx) -> None:
     assert counts["wrk_sent"] == counts["nginx_read"]
     assert completed <= counts["wrk_sent"] <= completed + 8  # at most one in flight per conn
     assert counters["ringbuf_drops"] == 0
+
+
+def test_without_drain_helper_the_ctypes_callback_path_delivers(bpf_root: Path, nginx: Nginx,
+                                                                 tmp_path: Path) -> None:
+    shutil.copy(bpf_root / "l7.bpf.o", tmp_path)  # no libksdrain.so next to it
+    with L7Probe(bpf_dir=tmp_path) as probe:
+        assert probe.drain_mode == "ctypes-callback"
+        pid = curl(nginx.url())
+        events = poll_until(probe, lambda evs: bool(of(evs, L7_CLOSE, {pid})))
+    assert [e.payload[:12] for e in of(events, L7_DATA_IN, {pid})] == [b"HTTP/1.1 200"]
+
+
+def test_missing_object_is_a_load_error(tmp_path: Path) -> None:
+    with pytest.raises(ProbeLoadError, match="l7.bpf.o") as info:
+        L7Probe(bpf_dir=tmp_path).start()
+    assert isinstance(info.value.__cause__, OSError)
+
+
+BAD_PROGRAM = """
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+struct { __uint(type, BPF_MAP_TYPE_HASH); __uint(max_entries, 1);
+         __type(key, __u32); __type(value, __u64); } slots SEC(".maps");
+SEC("tp/syscalls/sys_enter_getpid")
+int no_null_check(void *ctx) { __u32 k = 0; return *(__u64 *)bpf_map_lookup_elem(&slots, &k); }
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+def test_verifier_rejection_carries_the_verifier_log(bpf_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "bad.bpf.c").write_text(BAD_PROGRAM)
+    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu",
+                    "-c", "bad.bpf.c", "-o", "bad.bpf.o"], cwd=tmp_path, check=True)
+    obj = BpfObject.open(tmp_path / "bad.bpf.o")
+    try:
+        with pytest.raises(ProbeLoadError, match="map_value_or_null") as info:
+            obj.load()
+    finally:
+        obj.close()
+    assert isinstance(info.value.__cause__, OSError)
