@@ -26,7 +26,6 @@ Requests whose head has been read wait in a FIFO; a final response pairs with th
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from .endpoints import normalise
 from .record import Request
@@ -163,18 +162,18 @@ def _request_path(target: bytes) -> str:
     return path[:MAX_PATH]
 
 
-@dataclass(slots=True)
-class Http1Counters:
-    """How much of the connection was not understood; reported next to the metrics."""
-
-    unparsed_bytes: int = 0  # bytes that belong to no record
-    sync_losses: int = 0  # times framing was lost (garbage, gap at a boundary, bad header)
-    resyncs: int = 0  # times it was found again at an event starting a message
-    orphan_responses: int = 0  # final responses with no request waiting
-    unanswered_requests: int = 0  # requests dropped at close or when the FIFO overflowed
-    header_overflows: int = 0  # heads longer than MAX_HEAD
-    tunneled_bytes: int = 0  # after 101 Switching Protocols / CONNECT
-    parser_errors: int = 0  # internal errors caught by the guard; should stay 0
+# How much of a connection was not understood; reported next to the metrics it affects.
+# ``Http1Connection.counters`` is a plain dict with these keys, so callers can sum them.
+COUNTERS = (
+    "unparsed_bytes",  # bytes that belong to no record
+    "sync_losses",  # times framing was lost (garbage, a boundary in a gap, a bad header)
+    "resyncs",  # times it was found again at an event that starts a message
+    "orphan_responses",  # final responses with no request waiting
+    "unanswered_requests",  # requests dropped at close or when the FIFO overflowed
+    "header_overflows",  # heads longer than MAX_HEAD
+    "tunneled_bytes",  # after 101 Switching Protocols / CONNECT
+    "parser_errors",  # internal errors caught by the guard in feed(); should stay 0
+)
 
 
 class _Message:
@@ -231,7 +230,7 @@ class _Reader:
         if self.state >= _UNTIL_CLOSE:
             if self.state == _LOST and self.resumes_at(payload, size == n):
                 self.end_lost()
-                self.conn.counters.resyncs += 1
+                self.conn.counters["resyncs"] += 1
             else:
                 self.swallow(size)
                 self._after(ts, payload, size == n)
@@ -276,21 +275,21 @@ class _Reader:
         # A chunked message that lost sync ends where its terminator is seen, if it is seen.
         if self.state == _LOST and whole and payload.endswith(_CHUNKED_END):
             self.end_lost()
-            self.conn.counters.resyncs += 1
+            self.conn.counters["resyncs"] += 1
 
     def swallow(self, nbytes: int) -> None:
         if self.state == _TUNNEL:
-            self.conn.counters.tunneled_bytes += nbytes
+            self.conn.counters["tunneled_bytes"] += nbytes
         elif self.msg is not None:
             self.msg.nbytes += nbytes
         else:
-            self.conn.counters.unparsed_bytes += nbytes
+            self.conn.counters["unparsed_bytes"] += nbytes
 
     def lose(self) -> None:
         self.state = _LOST
         self.head.clear()
         self.line.clear()
-        self.conn.counters.sync_losses += 1
+        self.conn.counters["sync_losses"] += 1
         if self.msg is not None:
             self.msg.complete = False
 
@@ -325,7 +324,7 @@ class _Reader:
             self.head_ns = ts
             return pos
         self.lose()
-        self.conn.counters.unparsed_bytes += n - pos
+        self.conn.counters["unparsed_bytes"] += n - pos
         return n
 
     def _head(self, ts: int, payload: bytes, pos: int) -> int:
@@ -358,7 +357,7 @@ class _Reader:
         return n
 
     def _overflow(self, ts: int, consumed: int) -> None:
-        self.conn.counters.header_overflows += 1
+        self.conn.counters["header_overflows"] += 1
         self._lose_head(ts, consumed)
 
     def _lose_head(self, ts: int, consumed: int) -> None:
@@ -377,7 +376,7 @@ class _Reader:
             msg.status = _parse_status(line)
             self.interim_bytes = 0
         if msg is None:
-            self.conn.counters.unparsed_bytes += consumed
+            self.conn.counters["unparsed_bytes"] += consumed
         self.msg = msg
         self.lose()
 
@@ -387,7 +386,7 @@ class _Reader:
             parsed = _parse_request_line(line, strict=True)
             if parsed is None:
                 self.lose()
-                self.conn.counters.unparsed_bytes += len(block)
+                self.conn.counters["unparsed_bytes"] += len(block)
                 return
             msg = _Message(self.head_ns, len(block))
             msg.method, msg.target = parsed
@@ -402,7 +401,7 @@ class _Reader:
         status = _parse_status(line)
         if status < 0:
             self.lose()
-            self.conn.counters.unparsed_bytes += len(block)
+            self.conn.counters["unparsed_bytes"] += len(block)
             return
         if 100 <= status < 200 and status != 101:  # 100 Continue, 103 Early Hints: not the answer
             self.interim_bytes += len(block)
@@ -534,7 +533,7 @@ class Http1Connection:
         if role not in ("client", "server", "unknown"):
             raise ValueError(f"role must be client, server or unknown, not {role!r}")
         self.role = role
-        self.counters = Http1Counters()
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.pending: deque[_Message] = deque()  # requests waiting for their response, FIFO
         self._requests = _Reader(self, requests=True)
         self._responses = _Reader(self, requests=False)
@@ -569,7 +568,7 @@ class Http1Connection:
                 ):
                     self._undecided[out] = (ts, payload, size)
                 else:
-                    self.counters.unparsed_bytes += max(size, len(payload))
+                    self.counters["unparsed_bytes"] += max(size, len(payload))
                 return
         requests, responses = self._requests, self._responses
         if out == self._requests_out:
@@ -601,9 +600,9 @@ class Http1Connection:
         except Exception:
             self._reset_after_error(0)
         for _, _, size in self._undecided.values():
-            self.counters.unparsed_bytes += size
+            self.counters["unparsed_bytes"] += size
         self._undecided.clear()
-        self.counters.unanswered_requests += len(self.pending)
+        self.counters["unanswered_requests"] += len(self.pending)
         self.pending.clear()
         completed = self._completed
         self._completed = []
@@ -620,8 +619,8 @@ class Http1Connection:
         return True
 
     def _reset_after_error(self, nbytes: int) -> None:
-        self.counters.parser_errors += 1
-        self.counters.unparsed_bytes += nbytes
+        self.counters["parser_errors"] += 1
+        self.counters["unparsed_bytes"] += nbytes
         for reader in (self._requests, self._responses):
             reader.msg = None
             reader.lose()
@@ -632,7 +631,7 @@ class Http1Connection:
         self.pending.append(msg)
         if len(self.pending) > MAX_PENDING:
             self.pending.popleft()
-            self.counters.unanswered_requests += 1
+            self.counters["unanswered_requests"] += 1
 
     def answering(self) -> str:
         """Method of the request the next final response answers ("" if none)."""
@@ -647,7 +646,7 @@ class Http1Connection:
 
     def response_done(self, response: _Message) -> None:
         if not self.pending:
-            self.counters.orphan_responses += 1
+            self.counters["orphan_responses"] += 1
             return
         request = self.pending.popleft()
         status = response.status

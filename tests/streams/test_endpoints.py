@@ -41,11 +41,13 @@ from kubesight.streams.endpoints import MAX_LENGTH, MAX_SEGMENTS, normalise
 )
 def test_normalise(path: str, endpoint: str):
     assert normalise(path) == endpoint
+    assert normalise(endpoint) == endpoint  # idempotent: callers may normalise twice
 
 
 def test_long_paths_are_bounded():
     endpoint = normalise("/" + "/".join(["segment-" + "w" * 30] * MAX_SEGMENTS))
     assert len(endpoint) == MAX_LENGTH and endpoint.endswith("…")
+    assert normalise(endpoint) == endpoint
 
 
 def test_ids_collapse_to_one_endpoint():
