@@ -171,7 +171,7 @@ class RawEvent(NamedTuple):
     raddr: str
     rport: int
     ts_ns: int  # CLOCK_MONOTONIC
-    size: int  # syscall return value: bytes transferred (connect: 0 or -EINPROGRESS)
+    size: int  # syscall return: bytes transferred; connect 0/-EINPROGRESS; accept new fd
     payload: bytes  # first min(size, capture_bytes) bytes
 
 
