@@ -8,10 +8,10 @@ it must be (start lines, headers, chunk-size lines); bodies are never needed.
 Each direction has a ``_Reader`` (requests one way, responses the other, by the connection's
 role) that carries its state across events like httpx's ``LineDecoder``::
 
-    IDLE ─► HEAD ─┬─► LENGTH ─────────────────────────────┐
-                  ├─► CHUNK_SIZE ◄─► CHUNK_DATA ─► CHUNK_END ─► ... ─► TRAILER ─┤
-                  ├─► UNTIL_CLOSE (response without length; ends at flush)      ├─► IDLE
-                  └─► (no body) ─────────────────────────────────────────────────┘
+    IDLE ─► HEAD ─┬─► (no body: HEAD, 1xx, 204, 304, no length on a request) ─┐
+                  ├─► LENGTH ───────────────────────────────────────────────────┤
+                  ├─► CHUNK_SIZE ⇄ CHUNK_DATA ─► CHUNK_END … TRAILER ──────────┼─► IDLE
+                  └─► UNTIL_CLOSE (response without length) ─► flush() ────────┘
     any ─► LOST (garbage, header overflow, a chunk boundary in a gap): the open message, if
            any, keeps counting bytes and ends, marked incomplete, at the next event that starts
            a message in its direction, at a captured chunked terminator, or when the other
