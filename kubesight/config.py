@@ -155,8 +155,15 @@ class PrometheusSinkConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class JsonLinesSinkConfig:
+    enabled: bool = False
+    path: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class SinksConfig:
     prometheus: PrometheusSinkConfig = dataclasses.field(default_factory=PrometheusSinkConfig)
+    jsonl: JsonLinesSinkConfig = dataclasses.field(default_factory=JsonLinesSinkConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,7 +294,8 @@ def load(path: str | os.PathLike[str] | None = None,
             raise ConfigError(f"config file {p}: top level must be a mapping")
         data = dict(loaded)
     data = _merge(data, _env_overrides(environ))
-    result: Config = _build(Config, data)
+    result = _build(Config, data)
+    assert isinstance(result, Config)
     return result
 
 

@@ -87,21 +87,24 @@ class SinkRunner:
             (windows if m.topic() == self._golden else health).append(record)
         self.counters["windows_in"] += len(windows)
         backoff = 0.5
-        while not self._stop.is_set():
-            try:
-                for sink in self.sinks:
+        pending = list(self.sinks)  # a sink that accepted the batch is not given it again
+        while pending and not self._stop.is_set():
+            for sink in list(pending):
+                try:
                     if windows:
                         sink.write(windows)
                     if health:
                         sink.write_health(health)
-                break
-            except Exception as exc:  # any sink failure: keep the batch, retry later
-                self.counters["sink_write_failures"] += 1
-                log.error("sink write failed (retrying in %.1fs): %s", backoff, exc)
+                    pending.remove(sink)
+                except Exception as exc:  # any sink failure: keep the batch, retry later
+                    self.counters["sink_write_failures"] += 1
+                    log.error("sink %s write failed (retrying in %.1fs): %s",
+                              getattr(sink, "name", sink), backoff, exc)
+            if pending:
                 self._stop.wait(backoff)
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
-        else:
-            return  # stopping: do not commit what was not written
+        if pending:
+            return  # stopping: do not commit what was not written everywhere
         try:
             self._consumer.commit(asynchronous=True)
         except KafkaException as exc:

@@ -61,7 +61,7 @@ app = faust.App(
     autodiscover=False,
     topic_partitions=config.kafka.partitions,
     topic_replication_factor=config.kafka.replication_factor,
-    topic_allow_declare=False,  # kubesight.topics creates topics with the right settings
+    topic_allow_declare=True,  # for its changelog topics; ours are created by kubesight.topics
     consumer_auto_offset_reset="earliest",
     web_host="127.0.0.1",
     web_port=config.streams.web_port,
@@ -89,8 +89,9 @@ health_topic = _topic("health.v1")
 deadletter_topic = _topic("deadletter.v1")
 
 windows_table = app.Table(
-    "golden-windows", key_type=bytes, value_type=bytes, key_serializer="raw",
-    value_serializer="raw", partitions=config.kafka.partitions, default=None,
+    "golden-windows", partitions=config.kafka.partitions, default=None,
+    schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
+                        value_serializer="raw"),
 )
 
 

@@ -1,0 +1,348 @@
+"""Run kubesight's real components (probe, stream worker, sink) as processes, and real servers.
+
+Nothing here is faked: the probe loads BPF into this kernel, the worker is the Faust app, the
+sink serves Prometheus text that we scrape over HTTP, and traffic comes from nginx, wrk, curl
+and small stdlib servers, all on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from kubesight.config import Config, load
+from kubesight.topics import ensure_topics
+from tests.conftest import free_ports
+from tests.promtext import Labels, parse
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0,
+             interval: float = 0.2) -> Any:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+class Component:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.name, self.argv, self.env, self.log = name, argv, env, log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._out: IO[bytes] | None = None
+
+    def start(self) -> None:
+        self._out = open(self.log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=self._out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
+class Pipeline:
+    """probe + worker + sink on one broker, with a config of their own."""
+
+    def __init__(self, base: Config, workdir: Path, *, window_seconds: int = 2,
+                 extra: dict[str, Any] | None = None) -> None:
+        self.workdir = workdir
+        web_port, prom_port = free_ports(2)
+        app_id = f"ks-{base.kafka.topic_prefix.rstrip('.')}"
+        tree: dict[str, Any] = {
+            "node_name": "e2e-node",
+            "state_dir": str(workdir / "state"),
+            "log_level": "info",
+            "kafka": {"bootstrap_servers": base.kafka.bootstrap,
+                      "topic_prefix": base.kafka.topic_prefix, "partitions": 2},
+            "streams": {"window_seconds": window_seconds, "grace_seconds": 1.0,
+                        "web_port": web_port, "app_id": app_id},
+            "sinks": {"prometheus": {"listen": f"127.0.0.1:{prom_port}"}},
+        }
+        for section, values in (extra or {}).items():
+            tree.setdefault(section, {}).update(values)
+        self.config_path = workdir / "kubesight.yaml"
+        self.config_path.write_text(yaml.safe_dump(tree))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KUBESIGHT_")}
+        env["KUBESIGHT_CONFIG"] = str(self.config_path)
+        env["PYTHONUNBUFFERED"] = "1"
+        self.config = load(self.config_path, environ=env)
+        self.metrics_url = f"http://127.0.0.1:{prom_port}/metrics"
+        run = self.config.state_path / "run"
+        run.mkdir(parents=True, exist_ok=True)
+        logs = workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        me = [sys.executable, "-m", "kubesight.cli"]
+        self.components = {name: Component(name, [*me, name], env, logs / f"{name}.log")
+                           for name in ("sink", "worker", "probe")}
+
+    def exclude(self, name: str, pid: int) -> None:
+        """Keep a test-side process (this pytest, the broker) out of the capture."""
+        (self.config.state_path / "run" / f"{name}.pid").write_text(f"{pid}\n")
+
+    def start(self) -> None:
+        ensure_topics(self.config)
+        self.exclude("pytest", os.getpid())
+        for name in ("sink", "worker"):
+            self.components[name].start()
+        worker = self.components["worker"]
+        self.exclude("worker", worker.proc.pid if worker.proc else 0)
+        self.exclude("sink", self.components["sink"].proc.pid)  # type: ignore[union-attr]
+        wait_for("the stream worker to be ready", lambda: self._ready("worker", "Ready"),
+                 timeout=90)
+        wait_for("the sink's metrics endpoint", self.scrape_ok, timeout=30)
+        self.components["probe"].start()
+        wait_for("the probe to attach", lambda: self._ready("probe", "attached"), timeout=30)
+
+    def _ready(self, name: str, marker: str) -> bool:
+        comp = self.components[name]
+        if not comp.alive():
+            raise AssertionError(f"{name} exited early:\n{comp.log_text()[-4000:]}")
+        return marker in comp.log_text()
+
+    def stop(self) -> None:
+        for name in ("probe", "worker", "sink"):
+            self.components[name].stop()
+
+    # -- reading what kubesight says --------------------------------------------------------
+    def scrape_ok(self) -> bool:
+        try:
+            self.scrape()
+            return True
+        except OSError:
+            return False
+
+    def scrape(self) -> dict[tuple[str, Labels], float]:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as resp:
+            samples, _helps, _types = parse(resp.read().decode())
+        return samples
+
+    def total(self, metric: str, **labels: str) -> float:
+        want = set(labels.items())
+        return sum(v for (name, lab), v in self.scrape().items()
+                   if name == metric and want <= set(lab))
+
+    def series(self, metric: str, **labels: str) -> dict[Labels, float]:
+        want = set(labels.items())
+        return {lab: v for (name, lab), v in self.scrape().items()
+                if name == metric and want <= set(lab)}
+
+    def wait_total(self, expected: float, metric: str, timeout: float = 90,
+                   **labels: str) -> float:
+        """Poll until the summed counter equals ``expected`` and stays there for a while."""
+        seen: list[float] = []
+
+        def check() -> bool:
+            value = self.total(metric, **labels)
+            seen.append(value)
+            settled = len(seen) >= 4 and len(set(seen[-4:])) == 1
+            return value == expected and settled
+
+        try:
+            wait_for(f"{metric}{labels} == {expected}", check, timeout=timeout, interval=0.5)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; values seen: {seen[-8:]}\n{self.diagnostics()}") from None
+        return seen[-1]
+
+    def diagnostics(self) -> str:
+        parts = []
+        for name, comp in self.components.items():
+            parts.append(f"--- {name} log (tail) ---\n{comp.log_text()[-2500:]}")
+        pipeline = {k: v for k, v in self.scrape().items()
+                    if k[0].startswith("kubesight_pipeline_counter")}
+        parts.append("--- pipeline counters ---\n" + "\n".join(
+            f"{dict(k[1])}: {v}" for k, v in sorted(pipeline.items(), key=str)))
+        return "\n".join(parts)
+
+
+# -- real servers and clients -------------------------------------------------------------------
+NGINX_CONF = """
+daemon off;
+master_process on;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    log_format counted '$status $request_method $uri $request_length';
+    access_log {dir}/access.log counted;
+    client_max_body_size 16m;
+    client_body_buffer_size 2m;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port};
+        location = / {{ return 200 "{body}"; }}
+        location = /small {{ return 200 "ok"; }}
+        location = /error {{ return 503 "unavailable"; }}
+        location = /upload {{ return 200 "stored"; }}
+        location /items/ {{ return 200 "item"; }}
+    }}
+}}
+"""
+
+
+class Nginx:
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir / "nginx"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.port,) = free_ports(1)
+        body = "x" * 600  # about the size of nginx's default index page
+        (self.dir / "nginx.conf").write_text(NGINX_CONF.format(dir=self.dir, port=self.port,
+                                                               body=body))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.proc = subprocess.Popen([nginx, "-c", str(self.dir / "nginx.conf"),
+                                      "-p", str(self.dir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for("nginx to answer", lambda: _answers(self.url + "/small"), timeout=20)
+
+    def access_log(self) -> list[str]:
+        try:
+            return (self.dir / "access.log").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def served(self, path: str | None = None) -> int:
+        lines = self.access_log()
+        if path is None:
+            return len(lines)
+        return sum(1 for line in lines if line.split()[2] == path)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
+
+
+WRK_SUMMARY = re.compile(r"(\d+) requests in ([\d.]+)(\w+)")
+WRK_LATENCY = re.compile(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+
+
+class WrkResult:
+    def __init__(self, text: str) -> None:
+        self.text = text
+        m = WRK_SUMMARY.search(text)
+        if not m:
+            raise AssertionError(f"wrk printed no summary:\n{text}")
+        self.requests = int(m.group(1))
+        self.latency = {int(p): float(v) * _UNIT[u] for p, v, u in WRK_LATENCY.findall(text)}
+        non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+        self.non_2xx = int(non2xx.group(1)) if non2xx else 0
+
+
+def wrk(url: str, *, connections: int = 8, threads: int = 2, seconds: float = 3,
+        script: Path | None = None, extra: Iterable[str] = ()) -> WrkResult:
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
+            "--timeout", "10s", *extra]
+    if script is not None:
+        argv += ["-s", str(script)]
+    out = subprocess.run([*argv, url], capture_output=True, text=True, check=True,
+                         timeout=seconds + 60)
+    return WrkResult(out.stdout)
+
+
+def curl(*args: str) -> int:
+    """Run curl; returns the HTTP status it reports."""
+    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", *args],
+                         capture_output=True, text=True, timeout=60, check=True)
+    return int(out.stdout)
+
+
+def read_topic(config: Config, logical: str, timeout: float = 20) -> list[Any]:
+    """Every record on a topic right now, msgpack-decoded (reads from the beginning)."""
+    import msgpack
+    from confluent_kafka import Consumer, TopicPartition
+
+    topic = config.topic(logical)
+    consumer = Consumer({**config.kafka.librdkafka(), "group.id": "kubesight-tests",
+                         "enable.auto.commit": False})
+    try:
+        meta = consumer.list_topics(topic, timeout=10)
+        ends = {}
+        assign = []
+        for p in meta.topics[topic].partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                ends[p] = high
+                assign.append(TopicPartition(topic, p, low))
+        out: list[Any] = []
+        if not assign:
+            return out
+        consumer.assign(assign)
+        deadline = time.monotonic() + timeout
+        while ends and time.monotonic() < deadline:
+            for m in consumer.consume(num_messages=1000, timeout=0.5):
+                if m.error():
+                    continue
+                out.append(msgpack.unpackb(m.value(), raw=False))
+                if m.offset() + 1 >= ends.get(m.partition(), 0):
+                    ends.pop(m.partition(), None)
+        assert not ends, f"could not read {topic} to its end within {timeout}s"
+        return out
+    finally:
+        consumer.close()
+
+
+def start_server(kind: str, comm: str, *args: str) -> tuple[subprocess.Popen[str], int]:
+    """One of tests/e2e/servers.py's servers as its own process; returns (process, port)."""
+    proc = subprocess.Popen([sys.executable, "-m", "tests.e2e.servers", kind, comm, *args],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line.startswith("listening "):
+        proc.kill()
+        raise AssertionError(f"{kind} server did not start: {line!r}")
+    return proc, int(line.split()[1])

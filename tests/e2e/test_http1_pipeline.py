@@ -1,0 +1,126 @@
+"""HTTP/1.x end to end: kernel → Kafka → Faust → Prometheus, checked against the clients.
+
+Client-side counts must equal what wrk and curl report; server-side counts must equal nginx's
+own access log (the server's report: when wrk stops, requests it had in flight were served by
+nginx but never counted by wrk).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from kubesight.streams.sketch import LatencySketch
+
+from .harness import Nginx, Pipeline, curl, read_topic, start_server, wrk
+
+pytestmark = [pytest.mark.e2e, pytest.mark.bpf, pytest.mark.kafka]
+
+REQ = "kubesight_requests_total"
+ERR = "kubesight_request_errors_total"
+SLOW = "kubesight_slow_requests_total"
+
+PIPELINE_LUA = """
+init = function(args)
+   local r = {}
+   for i = 1, 8 do r[i] = wrk.format(nil, "/small") end
+   req = table.concat(r)
+end
+request = function() return req end
+"""
+
+
+def test_wrk_and_curl_counts_are_exact(pipeline: Pipeline, nginx: Nginx) -> None:
+    client0 = pipeline.total(REQ, side="client", dst_workload="nginx")
+    server0 = pipeline.total(REQ, side="server", dst_workload="nginx")
+    served0 = nginx.served()
+
+    statuses = [curl(nginx.url + "/") for _ in range(5)]
+    result = wrk(nginx.url + "/", connections=8, seconds=3)
+
+    assert statuses == [200] * 5 and result.non_2xx == 0 and result.requests > 1000
+    served = nginx.served() - served0
+    assert 0 <= served - (result.requests + 5) <= 8  # at most one in flight per connection
+    pipeline.wait_total(client0 + result.requests + 5, REQ, side="client", dst_workload="nginx")
+    pipeline.wait_total(server0 + served, REQ, side="server", dst_workload="nginx")
+    assert pipeline.total(REQ, side="client", src_workload="curl", dst_workload="nginx") >= 5
+
+    # Latency: merge the client-side sketches of this wrk run and compare with wrk --latency.
+    sketch = LatencySketch()
+    for rec in read_topic(pipeline.config, "golden.v1"):
+        s = rec["series"]
+        if (s["side"], s["src_workload"], s["dst_workload"], s["endpoint"]) == (
+                "client", "wrk", "nginx", "/"):
+            sketch.merge(LatencySketch.from_wire(rec["sketch"]))
+    assert sketch.count == result.requests
+    for q, pct in ((0.5, 50), (0.99, 99)):
+        ours, theirs = sketch.quantile(q), result.latency[pct]
+        assert abs(ours - theirs) <= 0.25 * theirs, f"P{pct}: kubesight {ours} vs wrk {theirs}"
+
+
+def test_5xx_are_errors(pipeline: Pipeline, nginx: Nginx) -> None:
+    err0 = pipeline.total(ERR, side="client", dst_workload="nginx", status="503")
+    req0 = pipeline.total(REQ, side="server", dst_workload="nginx", status="503")
+    served0 = nginx.served("/error")
+    result = wrk(nginx.url + "/error", connections=4, seconds=1)
+    assert result.non_2xx == result.requests > 0
+    pipeline.wait_total(err0 + result.requests, ERR, side="client", dst_workload="nginx",
+                        status="503")
+    pipeline.wait_total(req0 + nginx.served("/error") - served0, REQ, side="server",
+                        dst_workload="nginx", status="503")
+
+
+def test_slow_server_is_counted_slow_with_its_latency(pipeline: Pipeline) -> None:
+    proc, port = start_server("slow", "slowsrv", "0.6")
+    try:
+        for _ in range(6):
+            assert curl(f"http://127.0.0.1:{port}/work") == 200
+    finally:
+        proc.kill()
+        proc.wait()
+    pipeline.wait_total(6, SLOW, side="server", dst_workload="slowsrv")
+    pipeline.wait_total(6, SLOW, side="client", src_workload="curl", dst_workload="slowsrv")
+    quantiles = pipeline.series("kubesight_request_duration_seconds", side="server",
+                                dst_workload="slowsrv", quantile="0.5")
+    assert quantiles, "no P50 for the slow server"
+    for p50 in quantiles.values():
+        assert abs(p50 - 0.6) <= 0.05 * 0.6, p50
+
+
+def test_pipelined_requests_counted_once(pipeline: Pipeline, nginx: Nginx,
+                                         tmp_path: Path) -> None:
+    script = tmp_path / "pipeline.lua"
+    script.write_text(PIPELINE_LUA)
+    client0 = pipeline.total(REQ, side="client", dst_workload="nginx", endpoint="/small")
+    server0 = pipeline.total(REQ, side="server", dst_workload="nginx", endpoint="/small")
+    served0 = nginx.served("/small")
+    result = wrk(nginx.url, connections=4, seconds=2, script=script)
+    assert result.requests > 1000 and result.non_2xx == 0
+    served = nginx.served("/small") - served0
+    pipeline.wait_total(client0 + result.requests, REQ, side="client", dst_workload="nginx",
+                        endpoint="/small")
+    pipeline.wait_total(server0 + served, REQ, side="server", dst_workload="nginx",
+                        endpoint="/small")
+
+
+def test_large_post_and_chunked_response_counted_once(pipeline: Pipeline, nginx: Nginx,
+                                                       tmp_path: Path) -> None:
+    body = tmp_path / "body.bin"
+    body.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    for side in ("client", "server"):
+        assert pipeline.total(REQ, side=side, endpoint="/upload") == 0
+    assert curl("--data-binary", f"@{body}", nginx.url + "/upload") == 200
+    pipeline.wait_total(1, REQ, side="server", dst_workload="nginx", endpoint="/upload",
+                        status="200")
+    pipeline.wait_total(1, REQ, side="client", dst_workload="nginx", endpoint="/upload",
+                        status="200")
+
+    proc, port = start_server("chunked", "chunksrv")
+    try:
+        for _ in range(3):
+            assert curl(f"http://127.0.0.1:{port}/stream") == 200
+    finally:
+        proc.kill()
+        proc.wait()
+    pipeline.wait_total(3, REQ, side="server", dst_workload="chunksrv", status="200")
+    pipeline.wait_total(3, REQ, side="client", dst_workload="chunksrv", status="200")
