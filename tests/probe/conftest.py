@@ -58,11 +58,21 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
 @dataclass
 class Nginx:
     port: int
     master: int
     workers: set[int]
+    ipv6: bool  # also listening on [::1]:port
 
     def url(self, path: str = "/") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -70,10 +80,13 @@ class Nginx:
 
 @pytest.fixture
 def nginx(tmp_path: Path) -> Iterator[Nginx]:
-    """A real nginx on a free loopback port: / says hello, /big returns 2000 bytes."""
+    """A real nginx on a free loopback port (IPv4, and [::1] where it exists): / says hello,
+    /big returns 2000 bytes."""
     if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
         pytest.skip("nginx not installed (make apt)")
     port = free_port()
+    ipv6 = _ipv6_loopback()
+    listen_v6 = f"listen [::1]:{port};" if ipv6 else ""
     conf = tmp_path / "nginx.conf"
     conf.write_text(f"""
 daemon off; master_process on; worker_processes 1;
@@ -85,7 +98,7 @@ http {{
     fastcgi_temp_path {tmp_path}/fcgi; uwsgi_temp_path {tmp_path}/uwsgi;
     scgi_temp_path {tmp_path}/scgi;
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}; {listen_v6}
         location / {{ return 200 "hello\\n"; }}
         location /big {{ return 200 "{BIG_BODY}"; }}
     }}
@@ -108,7 +121,7 @@ http {{
                 pass
             assert time.monotonic() < deadline, "nginx did not answer within 10 s"
             time.sleep(0.02)
-        yield Nginx(port=port, master=proc.pid, workers=workers)
+        yield Nginx(port=port, master=proc.pid, workers=workers, ipv6=ipv6)
     finally:
         proc.terminate()
         try:

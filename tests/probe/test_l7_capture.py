@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import socket
 import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -85,6 +88,57 @@ def test_curl_and_nginx_seen_from_both_sides(bpf_root: Path, nginx: Nginx) -> No
     # Per connection, the kernel's monotonic timestamps follow the syscall order.
     first = {e.conn_id: e.ts_ns for e in connects + accepts}
     assert all(e.ts_ns > first[e.conn_id] for e in sent + received + requests + responses)
+
+
+# A client that uses the vectored calls nginx and curl do not: sendmsg and writev out, a
+# MSG_PEEK that must not count as data, then readv (into a small first buffer) and recvmsg in.
+VECTORED_CLIENT = """
+import json, os, socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+got = []
+s.sendmsg([b"GET / HTTP/1.1\\r\\n", b"Host: t\\r\\n", b"\\r\\n"])
+s.recv(5, socket.MSG_PEEK)
+small, big = bytearray(10), bytearray(4096)
+n = os.readv(s.fileno(), [small, big])
+got.append((small + big)[:n].hex())
+os.writev(s.fileno(), [b"GET / HTTP/1.1\\r\\n", b"Host: t\\r\\nConnection: close\\r\\n\\r\\n"])
+got.append(s.recvmsg(4096)[0].hex())
+s.close()
+print(json.dumps(got))
+"""
+
+
+def test_vectored_calls_capture_every_iovec_in_order(bpf_root: Path, nginx: Nginx) -> None:
+    with L7Probe(bpf_dir=bpf_root) as probe:
+        client = subprocess.Popen([sys.executable, "-c", VECTORED_CLIENT, str(nginx.port)],
+                                  stdout=subprocess.PIPE, text=True)
+        out, _ = client.communicate(timeout=10)
+        assert client.returncode == 0
+        received = [bytes.fromhex(h) for h in json.loads(out)]
+        events = poll_until(probe, lambda evs: bool(of(evs, L7_CLOSE, {client.pid})))
+
+    sent = [e.payload for e in of(events, L7_DATA_OUT, {client.pid})]
+    assert sent == [b"GET / HTTP/1.1\r\nHost: t\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"]
+    got = of(events, L7_DATA_IN, {client.pid})
+    assert [e.payload for e in got] == received  # the MSG_PEEK is not data: not seen
+    assert [e.size for e in got] == [len(r) for r in received]
+    assert all(r.startswith(b"HTTP/1.1 200") for r in received)
+
+
+def test_ipv6_connections_carry_ipv6_addresses(bpf_root: Path, nginx: Nginx) -> None:
+    if not nginx.ipv6:
+        pytest.skip("no IPv6 loopback here")
+    with L7Probe(bpf_dir=bpf_root) as probe:
+        pid = curl(f"http://[::1]:{nginx.port}/")
+        events = poll_until(probe, lambda evs: bool(of(evs, L7_CLOSE, {pid}))
+                            and bool(of(evs, L7_CLOSE, nginx.workers)))
+
+    ends = of(events, L7_CONNECT, {pid}) + of(events, L7_ACCEPT, nginx.workers)
+    assert len(ends) == 2
+    assert all((e.family, e.laddr, e.raddr) == (socket.AF_INET6, "::1", "::1") for e in ends)
+    assert ends[0].rport == ends[1].lport == nginx.port and ends[0].lport == ends[1].rport
+    assert [e.payload[:4] for e in of(events, L7_DATA_IN, nginx.workers)] == [b"GET "]
 
 
 def test_payload_longer_than_capture_is_truncated_and_counted(bpf_root: Path,
