@@ -131,7 +131,9 @@ def _who_listens(port: int) -> str:
         with contextlib.suppress(OSError):
             for line in Path(table).read_text().splitlines()[1:]:
                 parts = line.split()
-                if len(parts) > 9 and parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                if len(parts) <= 9 or parts[3] != "0A":  # 0A: LISTEN
+                    continue
+                if int(parts[1].rsplit(":", 1)[1], 16) == port:
                     inodes.add(parts[9])
     if not inodes:
         return ""

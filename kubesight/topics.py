@@ -10,8 +10,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from kubesight.config import Config
+
+if TYPE_CHECKING:
+    from confluent_kafka.admin import AdminClient
 
 
 class TopicError(RuntimeError):
@@ -81,10 +85,10 @@ def topic_config(s: TopicSpec) -> dict[str, str]:
     return {"cleanup.policy": "delete"}
 
 
-def _admin(config: Config):  # type: ignore[no-untyped-def]
+def _admin(config: Config) -> AdminClient:
     from confluent_kafka.admin import AdminClient
 
-    conf: dict[str, object] = dict(config.kafka.librdkafka())
+    conf: dict[str, str | int | float | bool] = dict(config.kafka.librdkafka())
     conf.update({"socket.connection.setup.timeout.ms": 2000, "reconnect.backoff.max.ms": 500})
     return AdminClient(conf)
 
@@ -120,7 +124,7 @@ def ensure_topics(config: Config, timeout: float = 30,
     real failure (bad replication factor, policy violation, authorization…).
     """
     from confluent_kafka import KafkaException
-    from confluent_kafka.admin import NewTopic
+    from confluent_kafka.cimpl import NewTopic
 
     deadline = time.monotonic() + timeout
     wanted = {config.topic(s.name): s for s in specs}
@@ -183,7 +187,7 @@ def ensure_topics(config: Config, timeout: float = 30,
         time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
 
 
-def _wait_leaders(admin, names: list[str], deadline: float,  # type: ignore[no-untyped-def]
+def _wait_leaders(admin: AdminClient, names: list[str], deadline: float,
                   timeout: float) -> None:
     """Wait until every partition of ``names`` has a leader, so clients can use them at once."""
     from confluent_kafka import KafkaException

@@ -52,7 +52,7 @@ def _docker_answers(timeout: float = 3.0) -> bool:
     if not os.environ.get("DOCKER_HOST") and not Path("/var/run/docker.sock").exists():
         return False
     try:
-        import docker  # type: ignore[import-untyped]  # comes with testcontainers
+        import docker  # comes with testcontainers
     except ImportError:
         try:
             res = subprocess.run(["docker", "info"], capture_output=True, timeout=timeout,

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 from kubesight.broker import BrokerError, LocalBroker, jars_present
 from kubesight.config import Config, KafkaConfig, LocalBrokerConfig
@@ -53,10 +54,11 @@ def _consume_all(bootstrap: str, topic: str, want: int, timeout: float = 30
             msg = consumer.poll(0.5)
             if msg is None:
                 continue
-            if msg.error():
-                if msg.error().code() == KafkaError._PARTITION_EOF:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
                     continue
-                raise AssertionError(f"consume error: {msg.error()}")
+                raise AssertionError(f"consume error: {err}")
             got.append((msg.key(), msg.value()))
     finally:
         consumer.close()

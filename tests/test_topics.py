@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka.admin import (
+    AdminClient,
+    ConfigResource,  # type: ignore[attr-defined]
+)
 
 from kubesight import topics
 from kubesight.config import REPO_ROOT, Config
@@ -30,7 +33,7 @@ def test_catalogue() -> None:
 
 
 def _cleanup_policies(config: Config, names: list[str]) -> dict[str, str]:
-    admin = AdminClient(config.kafka.librdkafka())
+    admin = AdminClient(dict(config.kafka.librdkafka()))
     futures = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, n) for n in names])
     out = {}
     for res, fut in futures.items():
@@ -67,7 +70,7 @@ def test_ensure_topics_creates_only_the_missing(kubesight_config: Config) -> Non
 
 @pytest.mark.kafka
 def test_ensure_topics_names_the_topic_on_real_failure(kubesight_config: Config) -> None:
-    brokers = AdminClient(kubesight_config.kafka.librdkafka()).list_topics(timeout=10).brokers
+    brokers = AdminClient(dict(kubesight_config.kafka.librdkafka())).list_topics(timeout=10).brokers
     config = dataclasses.replace(kubesight_config, kafka=dataclasses.replace(
         kubesight_config.kafka, replication_factor=len(brokers) + 1))
     with pytest.raises(TopicError, match=rf"{config.topic('')}\S+.*INVALID_REPLICATION_FACTOR"):
