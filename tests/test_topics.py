@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from confluent_kafka.admin import (
-    AdminClient,
-    ConfigResource,  # type: ignore[attr-defined]
-)
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._config import ConfigResource  # the public re-export is untyped
 
 from kubesight import topics
 from kubesight.config import REPO_ROOT, Config
