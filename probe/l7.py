@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
-from .libbpf import BpfObject, ProbeError, RingReader, num_possible_cpus
+from .libbpf import BpfObject, ProbeAttachError, ProbeError, RingReader, num_possible_cpus
 
 log = logging.getLogger("kubesight.probe.l7")
 
@@ -218,7 +218,7 @@ def _ensure_tracefs() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mount(b"nodev", bytes(TRACEFS), b"tracefs", 0, None) != 0:
         err = ctypes.get_errno()
-        raise ProbeError(f"mount tracefs at {TRACEFS}: {os.strerror(err)}") from OSError(
+        raise ProbeAttachError(f"mount tracefs at {TRACEFS}: {os.strerror(err)}") from OSError(
             err, os.strerror(err)
         )
     log.info("mounted tracefs at %s", TRACEFS)
@@ -260,7 +260,6 @@ class L7Probe:
 
     def start(self) -> None:
         """open → configure → load → attach. Raises ProbeLoadError / ProbeAttachError."""
-        _ensure_tracefs()
         obj = BpfObject.open(self.bpf_dir / "l7.bpf.o")
         try:
             obj.set_rodata({
@@ -273,6 +272,7 @@ class L7Probe:
             # Exclusions go in before attach: not one event from an excluded process.
             for tgid in sorted(self._excluded):
                 self.exclude_tgid(tgid)
+            _ensure_tracefs()
             hooks = obj.attach_all()
             self._reader = RingReader(obj.map_fd("events"), self.ringbuf_bytes,
                                       self.bpf_dir / "libksdrain.so")
