@@ -174,8 +174,11 @@ static __always_inline void stash(__u64 pid_tgid, enum l7_kind kind, int fd, str
 /* Take (and remove) this thread's stash; false if the entry program did not stash. */
 static __always_inline bool unstash(__u64 pid_tgid, struct l7_args *out)
 {
-	struct l7_args *args = bpf_map_lookup_elem(&inflight, &pid_tgid);
+	struct l7_args *args;
 
+	if (filter_all)
+		return false;	/* nothing was stashed: skip even the lookup */
+	args = bpf_map_lookup_elem(&inflight, &pid_tgid);
 	if (!args)
 		return false;
 	*out = *args;
