@@ -32,6 +32,7 @@ __u64 next_conn_id = 0;
 struct l7_args {
 	__u64 buf;		/* buffer, or struct iovec array */
 	__u64 sk;		/* struct sock * (0 for accept: known only at exit) */
+	__u64 enter_ns;		/* when the syscall was entered */
 	__u32 iovcnt;
 	__s32 fd;
 	enum l7_kind kind;
@@ -165,6 +166,7 @@ static __always_inline void stash(__u64 pid_tgid, enum l7_kind kind, int fd, str
 {
 	struct l7_args args = {
 		.buf = buf, .sk = (__u64)sk, .iovcnt = iovcnt, .fd = fd, .kind = kind,
+		.enter_ns = bpf_ktime_get_ns(),
 	};
 
 	if (bpf_map_update_elem(&inflight, &pid_tgid, &args, BPF_ANY))
@@ -209,7 +211,7 @@ static __always_inline void conn_new(struct l7_conn *conn, struct sock *sk, enum
 
 /* Fill the header of the per-CPU scratch event; payload is added by the caller. */
 static __always_inline struct l7_event *event_start(enum l7_kind kind, const struct l7_conn *conn,
-						     int fd, __s64 size, __u64 pid_tgid)
+						     int fd, __s64 size, __u64 pid_tgid, __u64 ts_ns)
 {
 	__u32 zero = 0;
 	struct l7_scratch *s = bpf_map_lookup_elem(&scratch, &zero);
@@ -227,7 +229,7 @@ static __always_inline struct l7_event *event_start(enum l7_kind kind, const str
 	ev->tgid = pid_tgid >> 32;
 	ev->fd = fd;
 	ev->conn_id = conn->conn_id;
-	ev->ts_ns = bpf_ktime_get_ns();
+	ev->ts_ns = ts_ns;
 	ev->size = size;
 	ev->cap_len = 0;
 	ev->_pad1 = 0;
@@ -329,7 +331,10 @@ static __always_inline int on_data_exit(long ret)
 		conn_new(&fresh, (struct sock *)args.sk, L7_ROLE_UNKNOWN);
 		conn = &fresh;
 	}
-	ev = event_start(args.kind, conn, args.fd, ret, id);
+	/* A write starts a message when it is called (on loopback the send itself may run the
+	 * receiver first); a read has the message when it returns. */
+	ev = event_start(args.kind, conn, args.fd, ret, id,
+			 args.kind == L7_DATA_OUT ? args.enter_ns : bpf_ktime_get_ns());
 	if (!ev)
 		return 0;
 	cap = capture_bytes;
@@ -357,7 +362,7 @@ static __always_inline int on_connect_exit(long ret)
 	if (!unstash(id, &args) || args.kind != L7_CONNECT || (ret != 0 && ret != -EINPROGRESS))
 		return 0;
 	conn_new(&conn, (struct sock *)args.sk, L7_ROLE_CLIENT);
-	ev = event_start(L7_CONNECT, &conn, args.fd, ret, id);
+	ev = event_start(L7_CONNECT, &conn, args.fd, ret, id, bpf_ktime_get_ns());
 	if (ev)
 		event_submit(ev, 0);
 	return 0;
@@ -387,7 +392,7 @@ static __always_inline int on_accept_exit(long ret)
 	if (!sk)
 		return 0;
 	conn_new(&conn, sk, L7_ROLE_SERVER);
-	ev = event_start(L7_ACCEPT, &conn, ret, ret, id);
+	ev = event_start(L7_ACCEPT, &conn, ret, ret, id, bpf_ktime_get_ns());
 	if (ev)
 		event_submit(ev, 0);
 	return 0;
@@ -411,7 +416,7 @@ static __always_inline int on_close_enter(int fd)
 	conn = bpf_map_lookup_elem(&conns, &key);
 	if (!conn)
 		return 0;	/* never saw data on it: nothing to close downstream */
-	ev = event_start(L7_CLOSE, conn, fd, 0, id);
+	ev = event_start(L7_CLOSE, conn, fd, 0, id, bpf_ktime_get_ns());
 	if (ev)
 		event_submit(ev, 0);
 	bpf_map_delete_elem(&conns, &key);

@@ -49,7 +49,7 @@ struct l7_event {
 	__u32 tgid;
 	__s32 fd;
 	__u64 conn_id;		/* unique per probe instance, never 0 */
-	__u64 ts_ns;		/* bpf_ktime_get_ns: CLOCK_MONOTONIC */
+	__u64 ts_ns;		/* CLOCK_MONOTONIC; data out: syscall entry, others: exit */
 	__s64 size;		/* syscall return: bytes actually transferred */
 	__u32 cap_len;		/* bytes of payload[] that follow the header */
 	__u32 _pad1;

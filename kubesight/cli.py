@@ -61,6 +61,14 @@ def _setup_logging(config: Config) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _renice(target: int) -> None:
+    """Move this process to the configured nice value (lowering needs root; then skip)."""
+    try:
+        os.nice(target - os.nice(0))
+    except OSError as exc:
+        logging.getLogger("kubesight").warning("cannot set nice %d: %s", target, exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -97,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         return Supervisor(config, args.config, with_probe=not args.no_probe).run()
 
     _setup_logging(config)
+    _renice(config.probe.nice if args.command == "probe" else config.streams.nice)
     if args.command == "probe":
         from .probe.main import run as run_probe
 

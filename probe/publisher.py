@@ -23,7 +23,8 @@ from confluent_kafka import KafkaError, Message, Producer
 
 log = logging.getLogger(__name__)
 
-_FAMILY_INET6 = 10
+EVENT_OVERHEAD = 32  # msgpack framing of one event besides its payload, rounded up
+MAX_MESSAGE_BYTES = 768 * 1024  # well under the broker's default 1 MiB message.max.bytes
 
 
 class EventLike(Protocol):
@@ -63,13 +64,15 @@ class Publisher:
     """Batches events per connection and produces them to the raw topic."""
 
     def __init__(self, *, producer: Producer, topic: str, node: str, probe_id: str,
-                 batch_max_events: int = 512, overflow_max_batches: int = 100_000,
+                 batch_max_events: int = 512, batch_max_bytes: int = MAX_MESSAGE_BYTES,
+                 overflow_max_batches: int = 100_000,
                  clock: Callable[[], tuple[int, int]] | None = None) -> None:
         self._producer = producer
         self._topic = topic
         self._node = node
         self._probe_id = probe_id
         self._batch_max = batch_max_events
+        self._batch_bytes = batch_max_bytes
         self._pending: dict[int, list[EventLike]] = {}
         self._overflow: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self._overflow_max = overflow_max_batches
@@ -97,14 +100,25 @@ class Publisher:
         pending, self._pending = self._pending, {}
         self._drain_overflow()
         for conn_id, events in pending.items():
-            for start in range(0, len(events), self._batch_max):
-                chunk = events[start:start + self._batch_max]
+            for chunk in self._chunks(events):
                 key, value = self._encode(conn_id, chunk, offset)
                 self._produce(key, value)
                 produced += 1
                 self.counters["events_published"] += len(chunk)
         self._producer.poll(0)
         return produced
+
+    def _chunks(self, events: list[EventLike]) -> Iterable[list[EventLike]]:
+        """Split one connection's events into messages of bounded count and bytes (a broker
+        refuses messages over its message.max.bytes, 1 MiB by default)."""
+        start, size = 0, 0
+        for i, ev in enumerate(events):
+            weight = len(ev.payload) + EVENT_OVERHEAD
+            if i > start and (i - start >= self._batch_max or size + weight > self._batch_bytes):
+                yield events[start:i]
+                start, size = i, 0
+            size += weight
+        yield events[start:]
 
     def _encode(self, conn_id: int, events: list[EventLike], offset: int) -> tuple[bytes, bytes]:
         first = events[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from kubesight.streams.sketch import LatencySketch
 
-from .harness import Nginx, Pipeline, curl, read_topic, start_server, wrk
+from .harness import Nginx, Pipeline, curl, read_topic, running_server, wait_for, wrk
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bpf, pytest.mark.kafka]
 
@@ -71,13 +71,9 @@ def test_5xx_are_errors(pipeline: Pipeline, nginx: Nginx) -> None:
 
 
 def test_slow_server_is_counted_slow_with_its_latency(pipeline: Pipeline) -> None:
-    proc, port = start_server("slow", "slowsrv", "0.6")
-    try:
+    with running_server("slow", "slowsrv", "0.6") as port:
         for _ in range(6):
             assert curl(f"http://127.0.0.1:{port}/work") == 200
-    finally:
-        proc.kill()
-        proc.wait()
     pipeline.wait_total(6, SLOW, side="server", dst_workload="slowsrv")
     pipeline.wait_total(6, SLOW, side="client", src_workload="curl", dst_workload="slowsrv")
     quantiles = pipeline.series("kubesight_request_duration_seconds", side="server",
@@ -115,12 +111,22 @@ def test_large_post_and_chunked_response_counted_once(pipeline: Pipeline, nginx:
     pipeline.wait_total(1, REQ, side="client", dst_workload="nginx", endpoint="/upload",
                         status="200")
 
-    proc, port = start_server("chunked", "chunksrv")
-    try:
+    with running_server("chunked", "chunksrv") as port:
         for _ in range(3):
             assert curl(f"http://127.0.0.1:{port}/stream") == 200
-    finally:
-        proc.kill()
-        proc.wait()
     pipeline.wait_total(3, REQ, side="server", dst_workload="chunksrv", status="200")
     pipeline.wait_total(3, REQ, side="client", dst_workload="chunksrv", status="200")
+
+
+@pytest.mark.parametrize("topic", ["raw.v1", "requests.v1", "series.v1", "golden.v1",
+                                   "health.v1", "meta.v1"])
+def test_real_records_match_their_schema(pipeline: Pipeline, nginx: Nginx, topic: str) -> None:
+    from kubesight.schemas import validate
+
+    curl(nginx.url + "/small")  # at least one request of our own on every topic
+    records = wait_for(f"records on {topic}",
+                       lambda: read_topic(pipeline.config, topic), timeout=60)
+    for record in records[:2000]:
+        if topic == "series.v1" and not record:
+            continue  # the golden agent's ticks: empty values, not records
+        validate(topic, record)

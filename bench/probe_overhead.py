@@ -1,0 +1,215 @@
+"""Probe overhead: nginx + wrk throughput with and without kubesight, side by side in one run.
+
+Modes, alternated round by round so drift in the machine hits all of them alike:
+  baseline   no BPF at all
+  filtered   every program attached, every event dropped at the first check (filter_all):
+             the floor cost of syscall tracepoints on this kernel
+  capture    full capture: kernel copies payloads, the probe drains, decodes, batches per
+             connection and msgpack-encodes; batches are handed to a producer that counts and
+             discards them (the broker's own cost is left out: in production it is remote)
+  kafka      full capture produced for real to a local broker on the same two cores
+             (only with --kafka; the broker then competes with nginx and wrk for CPU)
+
+BPF run time per event comes from the kernel's own accounting (kernel.bpf_stats_enabled) read
+with bpftool after a capture round. Usage: python -m bench.probe_overhead [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.e2e.harness import Nginx, wait_for, wrk  # noqa: E402
+
+
+def _probe_child(mode: str, bootstrap: str) -> None:
+    """Run inside the child process: attach, drain until SIGTERM, print stats as JSON."""
+    from kubesight.probe.l7 import L7Probe
+    from kubesight.probe.publisher import Publisher, producer_config
+
+    class CountingProducer:
+        """Stands in for Kafka in the `capture` mode only: counts what it is handed."""
+
+        def __init__(self) -> None:
+            self.messages = 0
+            self.bytes = 0
+
+        def produce(self, _topic: str, value: bytes, key: bytes, on_delivery: Any) -> None:
+            self.messages += 1
+            self.bytes += len(value)
+
+        def poll(self, _timeout: float) -> int:
+            return 0
+
+        def __len__(self) -> int:
+            return 0
+
+        def flush(self, _timeout: float) -> int:
+            return 0
+
+    stop = False
+
+    def on_term(*_: Any) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    probe = L7Probe(filter_all=(mode == "filtered"))
+    producer: Any
+    if mode == "kafka":
+        from confluent_kafka import Producer
+
+        producer = Producer(producer_config({"bootstrap.servers": bootstrap}))
+    else:
+        producer = CountingProducer()
+    publisher = Publisher(producer=producer, topic="bench.raw.v1", node="bench",
+                          probe_id="bench")
+    probe.start()
+    print("ready", flush=True)
+    next_flush = time.monotonic()
+    while not stop:
+        publisher.add(probe.poll(10))
+        if time.monotonic() >= next_flush:
+            publisher.flush()
+            next_flush = time.monotonic() + 0.1
+    publisher.add(probe.poll(0))
+    publisher.flush()
+    if mode == "kafka":
+        producer.flush(60)
+    stats = {"kernel": probe.counters(), "publisher": publisher.stats()}
+    probe.close()
+    print(json.dumps(stats), flush=True)
+
+
+def _bpf_prog_stats() -> dict[str, tuple[int, int]]:
+    out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True,
+                         check=True)
+    stats = {}
+    for prog in json.loads(out.stdout):
+        if prog.get("type") == "tracepoint" and "run_cnt" in prog:
+            stats[prog.get("name", str(prog["id"]))] = (prog["run_time_ns"], prog["run_cnt"])
+    return stats
+
+
+def run_mode(mode: str, url: str, seconds: float, bootstrap: str,
+             bpf_stats: bool = False) -> dict[str, Any]:
+    child = None
+    if mode != "baseline":
+        child = subprocess.Popen([sys.executable, "-m", "bench.probe_overhead", "--child", mode,
+                                  "--bootstrap", bootstrap], stdout=subprocess.PIPE, text=True,
+                                 cwd=REPO)
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"probe child failed to start ({mode}): {line!r}")
+    result: dict[str, Any] = {"mode": mode}
+    try:
+        if bpf_stats:
+            subprocess.run(["sysctl", "-q", "kernel.bpf_stats_enabled=1"], check=True)
+        res = wrk(url, connections=16, threads=2, seconds=seconds)
+        result["rps"] = res.requests / seconds
+        result["requests"] = res.requests
+        if bpf_stats:
+            result["bpf"] = _bpf_prog_stats()
+            subprocess.run(["sysctl", "-q", "kernel.bpf_stats_enabled=0"], check=True)
+    finally:
+        if child is not None:
+            child.send_signal(signal.SIGTERM)
+            out, _ = child.communicate(timeout=120)
+            lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+            if lines:
+                result["probe"] = json.loads(lines[-1])
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--kafka", action="store_true", help="add the produce-to-local-broker mode")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--bootstrap", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        _probe_child(args.child, args.bootstrap)
+        return 0
+    if os.geteuid() != 0:
+        print("probe overhead needs root (BPF)", file=sys.stderr)
+        return 2
+    modes = ["baseline", "filtered", "capture"]
+    broker = None
+    bootstrap = ""
+    workdir = Path(tempfile.mkdtemp(prefix="ks-bench-"))
+    if args.kafka:
+        from kubesight.broker import LocalBroker
+        from kubesight.config import Config, KafkaConfig, LocalBrokerConfig
+        from kubesight.topics import ensure_topics
+        from tests.conftest import free_ports
+
+        port, cport = free_ports(2)
+        cfg = Config(state_dir=str(workdir / "state"), kafka=KafkaConfig(
+            local=LocalBrokerConfig(port=port, controller_port=cport, heap="512m"),
+            topic_prefix="bench."))
+        broker = LocalBroker(cfg).start(timeout=120)
+        ensure_topics(cfg)
+        bootstrap = broker.bootstrap
+        modes.append("kafka")
+    nginx = Nginx(workdir)
+    nginx.start()
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    try:
+        wait_for("nginx", lambda: nginx.served() >= 0)
+        wrk(nginx.url + "/", seconds=1)  # warm up
+        for r in range(args.rounds):
+            for mode in modes:
+                res = run_mode(mode, nginx.url + "/", args.seconds, bootstrap,
+                               bpf_stats=(mode == "capture" and r == args.rounds - 1))
+                results[mode].append(res)
+                print(f"round {r + 1} {mode:<9} {res['rps']:>10,.0f} req/s", flush=True)
+    finally:
+        nginx.stop()
+        if broker is not None:
+            broker.stop()
+    base = statistics.median(x["rps"] for x in results["baseline"])
+    print("\nmode       median req/s   ratio to baseline   per-round ratios")
+    for mode in modes:
+        rps = [x["rps"] for x in results[mode]]
+        med = statistics.median(rps)
+        per_round = [x["rps"] / b["rps"] for x, b in zip(results[mode], results["baseline"],
+                                                         strict=True)]
+        print(f"{mode:<10} {med:>12,.0f}   {med / base:>17.3f}   "
+              + " ".join(f"{p:.3f}" for p in per_round))
+    last = results["capture"][-1]
+    if "bpf" in last:
+        enter = [v for k, v in last["bpf"].items() if "enter" in k]
+        exit_ = [v for k, v in last["bpf"].items() if "exit" in k]
+        for label, progs in (("sys_enter programs", enter), ("sys_exit programs", exit_)):
+            ns, cnt = sum(p[0] for p in progs), sum(p[1] for p in progs)
+            if cnt:
+                print(f"{label}: {ns / cnt:,.0f} ns per run over {cnt:,} runs")
+        kernel = last["probe"]["kernel"]
+        allns = sum(v[0] for v in last["bpf"].values())
+        if kernel.get("events"):
+            print(f"BPF time per captured event (all programs / events sent): "
+                  f"{allns / kernel['events']:,.0f} ns over {kernel['events']:,} events")
+    for mode in modes[1:]:
+        k = results[mode][-1].get("probe", {}).get("kernel", {})
+        print(f"{mode}: kernel counters {k}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
