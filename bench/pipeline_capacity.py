@@ -42,7 +42,6 @@ def cpu_seconds(pid: int) -> float:
 def produce_backlog(bootstrap: str, topic: str, requests: int, batch: int,
                     connections: int) -> int:
     from confluent_kafka import Producer
-
     from kubesight.probe.publisher import producer_config
 
     producer = Producer(producer_config({"bootstrap.servers": bootstrap}))

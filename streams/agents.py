@@ -12,6 +12,7 @@ windows table for the golden agent.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import time
@@ -99,8 +100,15 @@ async def reassemble(stream: Any) -> None:
             if records:
                 await requests_topic.send(key=msg.key, value=msgpack.packb(
                     {"v": 1, "node": batch.get("node", ""), "conn": key, "requests": records}))
-        for skey, partials in reassembler.take_partials():
-            await series_topic.send(key=skey, value=msgpack.packb(partials))
+        await _send_deferred_and_partials()
+
+
+async def _send_deferred_and_partials() -> None:
+    for conn_key, record in reassembler.release_deferred():
+        await requests_topic.send(key=conn_key.encode(), value=msgpack.packb(
+            {"v": 1, "node": config.node_name, "conn": conn_key, "requests": [record]}))
+    for skey, partials in reassembler.take_partials():
+        await series_topic.send(key=skey, value=msgpack.packb(partials))
 
 
 @app.agent(meta_topic, name="learn_listeners")
@@ -137,10 +145,8 @@ async def _emit_due(partition: int) -> None:
         await golden_topic.send(key=series_key,
                                 value=msgpack.packb(win.to_record(store.window_seconds)))
         counters["windows_emitted"] += 1
-        try:
+        with contextlib.suppress(KeyError):
             del windows_table[key]
-        except KeyError:
-            pass
 
 
 @app.agent(series_topic, name="golden")
@@ -169,8 +175,8 @@ async def golden(stream: Any) -> None:
 @app.timer(interval=1.0)
 async def tick() -> None:
     """Let every series partition close its due windows, even when no traffic flows."""
-    partitions = config.kafka.partitions
-    for partition in range(partitions):
+    await _send_deferred_and_partials()  # also when no raw batch arrives
+    for partition in range(config.kafka.partitions):
         await series_topic.send(key=TICK, value=b"", partition=partition)
 
 
@@ -180,8 +186,7 @@ async def expire_idle_connections() -> None:
     if records:
         await requests_topic.send(key=b"expired", value=msgpack.packb(
             {"v": 1, "node": config.node_name, "conn": "expired", "requests": records}))
-    for skey, partials in reassembler.take_partials():
-        await series_topic.send(key=skey, value=msgpack.packb(partials))
+    await _send_deferred_and_partials()
 
 
 def worker_counters() -> dict[str, int]:

@@ -7,8 +7,8 @@ The whole data path, in one place (agents live in ``agents.py``):
     raw.v1            reassemble       live parsers, per connection  requests.v1, series.v1
     meta.v1           learn_listeners  listener → workload           (in memory)
     series.v1         golden           windows table (changelog)     golden.v1
-    (timer, 1 s)      tick             -                             series.v1 (a tick per partition)
-    golden.v1 + health.v1 are read by ``kubesight sink`` (sinks/runner.py) and fanned out to sinks.
+    (timer, 1 s)      tick             -                             series.v1 (1 tick/partition)
+    golden.v1 + health.v1 are read by ``kubesight sink`` (sinks/runner.py), fanned out to sinks.
 
 ``series.v1`` is the repartition step: the reassembler pre-aggregates each batch per
 (series, window) and sends the partials keyed by series, so the windows table is keyed like

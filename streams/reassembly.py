@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from .endpoints import normalise
@@ -31,6 +31,7 @@ LOOPBACK = ("127.0.0.1", "::1")
 WILDCARD = ("0.0.0.0", "::")
 IDLE_CONNECTION_S = 600.0
 MAX_PEERS = 200_000
+DEFER_S = 3.0  # how long a same-node call waits for its peer's name
 
 SERIES_LABELS = ("side", "protocol", "src_namespace", "src_workload", "dst_namespace",
                  "dst_workload", "endpoint", "status")
@@ -96,6 +97,7 @@ class Reassembler:
         self._client_sockets: collections.OrderedDict[tuple[str, int, str, int], str] = (
             collections.OrderedDict())
         self.counters = collections.Counter[str]()
+        self._deferred: list[tuple[float, _Connection, Request]] = []
         # (series labels) → window start → partial; drained by take_partials()
         self._partials: dict[tuple[str, ...], dict[int, WindowPartial]] = {}
 
@@ -150,7 +152,7 @@ class Reassembler:
         self.counters["events"] += len(events)
         if closed:
             self._close(conn)
-        return [self._record(conn, req) for req in out]
+        return [rec for req in out if (rec := self._record(conn, req)) is not None]
 
     def _open(self, key: str, node: str, meta: dict[str, Any]) -> _Connection:
         try:
@@ -187,21 +189,57 @@ class Reassembler:
         stale = [c for c in self.connections.values() if c.last_seen < cutoff]
         out: list[dict[str, Any]] = []
         for conn in stale:
-            out += [self._record(conn, r) for r in conn.parser.flush(time.time_ns())]
+            out += [rec for r in conn.parser.flush(time.time_ns())
+                    if (rec := self._record(conn, r)) is not None]
             self._close(conn)
             self.counters["connections_expired"] += 1
         return out
 
     # -- records and series -----------------------------------------------------------------
-    def _record(self, conn: _Connection, req: Request) -> dict[str, Any]:
-        node = conn.node
+    def _names(self, conn: _Connection, req: Request, final: bool) -> tuple[str, str] | None:
+        """(src, dst) workload names, or None to wait for the peer of a same-node call.
+
+        A call between two processes of one node is seen from both ends at about the same
+        time, but on different partitions: the caller's record may be processed before the
+        callee's accept has taught us who listens there. Such records wait (``DEFER_S``) for
+        the name instead of being counted under an address; remote peers never wait.
+        """
+        same_node = conn.raddr in LOOPBACK or conn.raddr == conn.laddr
         if req.side == "client":
-            src = conn.comm
-            dst = self._listener_workload(node, conn.raddr, conn.rport) or conn.raddr
-        else:
-            dst = conn.comm
-            src = self._client_sockets.get((conn.raddr, conn.rport, conn.laddr, conn.lport),
-                                           conn.raddr)
+            dst = self._listener_workload(conn.node, conn.raddr, conn.rport)
+            if dst is None and same_node and not final:
+                return None
+            return conn.comm, dst or conn.raddr
+        src = self._client_sockets.get((conn.raddr, conn.rport, conn.laddr, conn.lport))
+        if src is None and same_node and not final:
+            return None
+        return src or conn.raddr, conn.comm
+
+    def _record(self, conn: _Connection, req: Request) -> dict[str, Any] | None:
+        names = self._names(conn, req, final=False)
+        if names is None:
+            self._deferred.append((self._clock() + DEFER_S, conn, req))
+            self.counters["records_deferred"] += 1
+            return None
+        return self._build(conn, req, *names)
+
+    def release_deferred(self) -> list[tuple[str, dict[str, Any]]]:
+        """(connection key, record) of deferred records whose peer is now known or whose wait
+        is over (then named by address)."""
+        if not self._deferred:
+            return []
+        now = self._clock()
+        out, waiting = [], []
+        for deadline, conn, req in self._deferred:
+            names = self._names(conn, req, final=now >= deadline)
+            if names is None:
+                waiting.append((deadline, conn, req))
+            else:
+                out.append((conn.key, self._build(conn, req, *names)))
+        self._deferred = waiting
+        return out
+
+    def _build(self, conn: _Connection, req: Request, src: str, dst: str) -> dict[str, Any]:
         latency_ns = max(0, req.end_ns - req.start_ns)
         slow = latency_ns > self._slow_ns(req.protocol)
         endpoint = normalise(req.endpoint) if req.endpoint else ""
@@ -255,14 +293,3 @@ def vars_counters(parser: Http1Connection) -> dict[str, int]:
     if isinstance(counters, dict):
         return {k: int(v) for k, v in counters.items()}
     return {}
-
-
-def chunked(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -45,12 +45,22 @@ def test_wrk_and_curl_counts_are_exact(pipeline: Pipeline, nginx: Nginx) -> None
     pipeline.wait_total(server0 + served, REQ, side="server", dst_workload="nginx")
     assert pipeline.total(REQ, side="client", src_workload="curl", dst_workload="nginx") >= 5
 
-    # Latency: merge the client-side sketches of this wrk run and compare with wrk --latency.
+
+
+def test_latency_agrees_with_wrk(pipeline: Pipeline, nginx: Nginx, tmp_path: Path) -> None:
+    """Client-side P50/P99 against wrk --latency. wrk is paced (1 ms think time per request):
+    flat out on two cores, wrk also counts its own wait for a CPU after each read returns,
+    which no kernel probe can see (measured: P90 1.5 ms by wrk vs 0.18 ms at the syscalls)."""
+    script = tmp_path / "paced.lua"
+    script.write_text("delay = function() return 1 end\n")
+    result = wrk(nginx.url + "/items/7", connections=8, seconds=3, script=script)
+    assert result.requests > 1000 and result.non_2xx == 0
+    pipeline.wait_total(result.requests, REQ, side="client", src_workload="wrk",
+                        endpoint="/items/{id}")
     sketch = LatencySketch()
     for rec in read_topic(pipeline.config, "golden.v1"):
         s = rec["series"]
-        if (s["side"], s["src_workload"], s["dst_workload"], s["endpoint"]) == (
-                "client", "wrk", "nginx", "/"):
+        if (s["side"], s["src_workload"], s["endpoint"]) == ("client", "wrk", "/items/{id}"):
             sketch.merge(LatencySketch.from_wire(rec["sketch"]))
     assert sketch.count == result.requests
     for q, pct in ((0.5, 50), (0.99, 99)):

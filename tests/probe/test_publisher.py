@@ -5,11 +5,11 @@ from __future__ import annotations
 import msgpack
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
-
-from kubesight.config import Config
 from kubesight.probe.l7 import RawEvent
 from kubesight.probe.publisher import Publisher, producer_config
 from kubesight.schemas import validate
+
+from kubesight.config import Config
 from kubesight.topics import ensure_topics
 
 pytestmark = pytest.mark.kafka

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from kubesight.streams.reassembly import (
     KIND_ACCEPT,
     KIND_CLOSE,
@@ -97,3 +96,29 @@ def test_idle_connections_expire_and_flush() -> None:
     assert r.expire_idle(600) == []  # an unanswered request is not a request record
     assert r.connections == {}
     assert r.parser_counters()["connections_expired"] == 1
+
+
+def test_same_node_call_waits_for_the_callee_name() -> None:
+    now = [0.0]
+    r = Reassembler(window_seconds=10, slow_threshold_ns=lambda _p: S, clock=lambda: now[0])
+    events = [[KIND_CONNECT, S, 0, b""], [KIND_DATA_OUT, S, len(REQ), REQ],
+              [KIND_DATA_IN, 2 * S, len(RESP), RESP]]
+    # The caller's batch comes first; nobody is known to listen on 127.0.0.1:9000 yet.
+    assert r.on_batch("c", batch(1, "curl", ("127.0.0.1", 5000), ("127.0.0.1", 9000),
+                                 events)) == []
+    assert r.release_deferred() == []
+    r.on_batch("s", batch(2, "api", ("127.0.0.1", 9000), ("127.0.0.1", 5000),
+                          [[KIND_ACCEPT, S, 0, b""]]))
+    [(key, rec)] = r.release_deferred()
+    assert (key, rec["src_workload"], rec["dst_workload"]) == ("c", "curl", "api")
+
+
+def test_unnamed_same_node_peer_falls_back_to_address_after_the_wait() -> None:
+    now = [0.0]
+    r = Reassembler(window_seconds=10, slow_threshold_ns=lambda _p: S, clock=lambda: now[0])
+    r.on_batch("c", batch(1, "curl", ("127.0.0.1", 5000), ("127.0.0.1", 9000), [
+        [KIND_DATA_OUT, S, len(REQ), REQ], [KIND_DATA_IN, 2 * S, len(RESP), RESP]]))
+    now[0] = 10.0
+    [(_key, rec)] = r.release_deferred()
+    assert rec["dst_workload"] == "127.0.0.1"
+    assert len(r.take_partials()) == 1
