@@ -66,7 +66,11 @@ def _probe_child(mode: str, bootstrap: str) -> None:
         stop = True
 
     signal.signal(signal.SIGTERM, on_term)
-    probe = L7Probe(filter_all=(mode == "filtered"))
+    from kubesight.config import ProbeConfig
+
+    defaults = ProbeConfig()  # measure what kubesight runs with
+    probe = L7Probe(capture_bytes=defaults.capture_bytes, ringbuf_bytes=defaults.ringbuf_bytes,
+                    filter_all=(mode == "filtered"))
     producer: Any
     if mode == "kafka":
         from confluent_kafka import Producer

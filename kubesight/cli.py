@@ -61,6 +61,17 @@ def _setup_logging(config: Config) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _name_process(command: str) -> None:
+    """Show up as ks-probe / ks-worker / ks-sink in ps, top and kubesight's own metrics."""
+    import ctypes
+
+    pr_set_name = 15
+    try:
+        ctypes.CDLL(None).prctl(pr_set_name, f"ks-{command}".encode(), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _renice(target: int) -> None:
     """Move this process to the configured nice value (lowering needs root; then skip)."""
     try:
@@ -105,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return Supervisor(config, args.config, with_probe=not args.no_probe).run()
 
     _setup_logging(config)
+    _name_process(args.command)
     _renice(config.probe.nice if args.command == "probe" else config.streams.nice)
     if args.command == "probe":
         from .probe.main import run as run_probe

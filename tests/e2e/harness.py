@@ -300,7 +300,7 @@ class WrkResult:
 
 def wrk(url: str, *, connections: int = 8, threads: int = 2, seconds: float = 3,
         script: Path | None = None, extra: Iterable[str] = ()) -> WrkResult:
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s", "--latency",
             "--timeout", "10s", *extra]
     if script is not None:
         argv += ["-s", str(script)]
