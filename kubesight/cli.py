@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -66,10 +67,8 @@ def _name_process(command: str) -> None:
     import ctypes
 
     pr_set_name = 15
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(pr_set_name, f"ks-{command}".encode(), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _renice(target: int) -> None:
