@@ -83,12 +83,18 @@ def _probe_child(mode: str, bootstrap: str) -> None:
     probe.start()
     print("ready", flush=True)
     next_flush = time.monotonic()
+    def drain() -> None:  # what kubesight.probe.main.ProbeRunner does
+        publisher.count_in(probe.drain_into(
+            publisher.open, publisher.sealed, offset_ns=publisher.clock_offset_ns(),
+            max_events=publisher.batch_max_events, max_bytes=publisher.batch_max_bytes))
+
     while not stop:
-        publisher.add(probe.poll(10))
+        drain()
+        time.sleep(defaults.poll_interval_ms / 1000)
         if time.monotonic() >= next_flush:
             publisher.flush()
-            next_flush = time.monotonic() + 0.1
-    publisher.add(probe.poll(0))
+            next_flush = time.monotonic() + defaults.flush_interval_ms / 1000
+    drain()
     publisher.flush()
     if mode == "kafka":
         producer.flush(60)

@@ -204,6 +204,55 @@ def decode_records(view: memoryview | bytes, used: int, out: list[RawEvent],
         off += 4 + length
 
 
+class ConnectionBatch:
+    """One connection's events on their way to one Kafka message: the connection's identity
+    once, then ``[kind, unix ts_ns, size, payload]`` per event (the raw.v1 wire form)."""
+
+    __slots__ = ("conn_id", "meta", "events", "nbytes")
+
+    def __init__(self, conn_id: int, meta: dict[str, Any]) -> None:
+        self.conn_id = conn_id
+        self.meta = meta
+        self.events: list[list[Any]] = []
+        self.nbytes = 0
+
+
+def decode_grouped(view: memoryview | bytes, used: int, offset_ns: int,
+                   open_batches: dict[int, ConnectionBatch], sealed: list[ConnectionBatch],
+                   names: dict[bytes, tuple[str, str, str]], max_events: int,
+                   max_bytes: int) -> int:
+    """Decode records straight into per-connection batches (the probe's hot path).
+
+    Unlike ``decode_records`` no per-event object is built: each event becomes the list that
+    is msgpack-encoded as is, with the monotonic timestamp already moved to wall-clock time.
+    A batch that reaches ``max_events`` or ``max_bytes`` is sealed and a new one opened, so
+    no Kafka message outgrows what a broker accepts. Returns the number of events decoded.
+    """
+    unpack, rec_size = _RECORD.unpack_from, _RECORD.size
+    data = bytes(view[:used])
+    off = count = 0
+    while off < used:
+        (length, kind, role, family, lport, rport, tgid, conn_id, ts_ns, size, cap_len,
+         raw) = unpack(data, off)
+        start = off + rec_size
+        off += 4 + length
+        count += 1
+        batch = open_batches.get(conn_id)
+        if batch is None or len(batch.events) >= max_events or batch.nbytes > max_bytes:
+            if batch is not None:
+                sealed.append(batch)
+            decoded = names.get(raw)
+            if decoded is None:
+                decoded = names[raw] = _decode_names(family, raw)
+            batch = open_batches[conn_id] = ConnectionBatch(conn_id, {
+                "id": conn_id, "tgid": tgid, "comm": decoded[2], "role": role,
+                "family": family, "laddr": decoded[0], "lport": lport, "raddr": decoded[1],
+                "rport": rport})
+        batch.events.append([kind, ts_ns + offset_ns, size, data[start:start + cap_len]])
+        batch.nbytes += cap_len + 32
+    return count
+
+
 def _default_bpf_dir() -> Path:
     env = os.environ.get("KUBESIGHT_BPF_DIR")
     if env:
@@ -321,6 +370,24 @@ class L7Probe:
                 out, self._out = self._out, []
                 return out
             time.sleep(min(POLL_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+
+    def drain_into(self, open_batches: dict[int, ConnectionBatch], sealed: list[ConnectionBatch],
+                   *, offset_ns: int, max_events: int, max_bytes: int) -> int:
+        """Drain everything available now straight into per-connection batches (see
+        ``decode_grouped``); returns the number of events."""
+        if self._reader is None:
+            raise ProbeError("drain_into() before start()")
+        if len(self._names) > _NAMES_CACHE_MAX:
+            self._names.clear()
+        total = 0
+
+        def decode(view: memoryview, used: int) -> None:
+            nonlocal total
+            total += decode_grouped(view, used, offset_ns, open_batches, sealed, self._names,
+                                    max_events, max_bytes)
+
+        self._reader.drain(decode)
+        return total
 
     def _decode(self, view: memoryview, used: int) -> None:
         if len(self._names) > _NAMES_CACHE_MAX:

@@ -61,7 +61,8 @@ class ProbeRunner:
         next_flush = next_excl = next_listen = next_health = time.monotonic()
         try:
             while not self._stop.is_set():
-                self.publisher.add(self._kernel.poll(cfg.poll_interval_ms))
+                self._drain()
+                self._stop.wait(cfg.poll_interval_ms / 1000)
                 now = time.monotonic()
                 if now >= next_flush:
                     self.publisher.flush()
@@ -76,13 +77,19 @@ class ProbeRunner:
                     self._publish_health()
                     next_health = now + cfg.health_interval_s
         finally:
-            self.publisher.add(self._kernel.poll(0))
+            self._drain()
             self.publisher.flush()
             self._publish_health()
             self._kernel.close()
             left = self._producer.flush(30)
             if left:
                 log.error("%d Kafka messages not acknowledged at exit", left)
+
+    def _drain(self) -> None:
+        pub = self.publisher
+        pub.count_in(self._kernel.drain_into(
+            pub.open, pub.sealed, offset_ns=pub.clock_offset_ns(),
+            max_events=pub.batch_max_events, max_bytes=pub.batch_max_bytes))
 
     def _own_pids(self) -> set[int]:
         """kubesight's other processes (supervisor, worker, sink, broker), from pid files."""

@@ -21,10 +21,14 @@ from typing import Any, Protocol
 import msgpack
 from confluent_kafka import KafkaError, Message, Producer
 
+from .l7 import ConnectionBatch
+
 log = logging.getLogger(__name__)
 
 EVENT_OVERHEAD = 32  # msgpack framing of one event besides its payload, rounded up
-MAX_MESSAGE_BYTES = 768 * 1024  # well under the broker's default 1 MiB message.max.bytes
+# A batch is sealed once it passes this; with one more event of at most 8 KiB it stays well
+# under the broker's default 1 MiB message.max.bytes.
+MAX_MESSAGE_BYTES = 768 * 1024
 
 
 class EventLike(Protocol):
@@ -71,71 +75,63 @@ class Publisher:
         self._topic = topic
         self._node = node
         self._probe_id = probe_id
-        self._batch_max = batch_max_events
-        self._batch_bytes = batch_max_bytes
-        self._pending: dict[int, list[EventLike]] = {}
+        self.batch_max_events = batch_max_events
+        self.batch_max_bytes = batch_max_bytes
+        # Filled by L7Probe.drain_into (the hot path) or by add(); emptied by flush().
+        self.open: dict[int, ConnectionBatch] = {}
+        self.sealed: list[ConnectionBatch] = []
         self._overflow: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self._overflow_max = overflow_max_batches
         self._seq = 0
         self._clock = clock or (lambda: (time.time_ns(), time.monotonic_ns()))
         self.counters = collections.Counter[str]()
 
+    def clock_offset_ns(self) -> int:
+        """Add to a bpf_ktime_get_ns() (CLOCK_MONOTONIC) timestamp to get unix time."""
+        wall, mono = self._clock()
+        return wall - mono
+
+    def count_in(self, n: int) -> None:
+        self.counters["events_in"] += n
+
     def add(self, events: Iterable[EventLike]) -> None:
-        pending = self._pending
+        """Batch decoded events (the slow path, for callers holding RawEvents)."""
+        offset = self.clock_offset_ns()
         n = 0
         for ev in events:
             n += 1
-            batch = pending.get(ev.conn_id)
-            if batch is None:
-                pending[ev.conn_id] = [ev]
-            else:
-                batch.append(ev)
-        self.counters["events_in"] += n
+            batch = self.open.get(ev.conn_id)
+            if (batch is None or len(batch.events) >= self.batch_max_events
+                    or batch.nbytes > self.batch_max_bytes):
+                if batch is not None:
+                    self.sealed.append(batch)
+                batch = self.open[ev.conn_id] = ConnectionBatch(ev.conn_id, {
+                    "id": ev.conn_id, "tgid": ev.tgid, "comm": ev.comm, "role": ev.role,
+                    "family": ev.family, "laddr": ev.laddr, "lport": ev.lport,
+                    "raddr": ev.raddr, "rport": ev.rport})
+            batch.events.append([ev.kind, ev.ts_ns + offset, ev.size, ev.payload])
+            batch.nbytes += len(ev.payload) + EVENT_OVERHEAD
+        self.count_in(n)
 
     def flush(self) -> int:
         """Produce every pending connection batch; returns the number of Kafka messages."""
-        wall, mono = self._clock()
-        offset = wall - mono  # bpf_ktime_get_ns() is CLOCK_MONOTONIC
-        produced = 0
-        pending, self._pending = self._pending, {}
+        batches = self.sealed
+        batches.extend(self.open.values())
+        self.open, self.sealed = {}, []
         self._drain_overflow()
-        for conn_id, events in pending.items():
-            for chunk in self._chunks(events):
-                key, value = self._encode(conn_id, chunk, offset)
-                self._produce(key, value)
-                produced += 1
-                self.counters["events_published"] += len(chunk)
+        for batch in batches:
+            self._produce(*self._encode(batch))
+            self.counters["events_published"] += len(batch.events)
         self._producer.poll(0)
-        return produced
+        return len(batches)
 
-    def _chunks(self, events: list[EventLike]) -> Iterable[list[EventLike]]:
-        """Split one connection's events into messages of bounded count and bytes (a broker
-        refuses messages over its message.max.bytes, 1 MiB by default)."""
-        start, size = 0, 0
-        for i, ev in enumerate(events):
-            weight = len(ev.payload) + EVENT_OVERHEAD
-            if i > start and (i - start >= self._batch_max or size + weight > self._batch_bytes):
-                yield events[start:i]
-                start, size = i, 0
-            size += weight
-        yield events[start:]
-
-    def _encode(self, conn_id: int, events: list[EventLike], offset: int) -> tuple[bytes, bytes]:
-        first = events[0]
-        # A connection's addresses and role are fixed once known; take the richest event
-        # (connect/accept come first when the probe saw the connection open).
-        conn = {
-            "id": conn_id, "tgid": first.tgid, "comm": first.comm, "role": first.role,
-            "family": first.family, "laddr": first.laddr, "lport": first.lport,
-            "raddr": first.raddr, "rport": first.rport,
-        }
+    def _encode(self, batch: ConnectionBatch) -> tuple[bytes, bytes]:
         value = msgpack.packb({
             "v": 1, "node": self._node, "probe": self._probe_id, "seq": self._seq,
-            "conn": conn,
-            "events": [[e.kind, e.ts_ns + offset, e.size, e.payload] for e in events],
+            "conn": batch.meta, "events": batch.events,
         })
         self._seq += 1
-        key = f"{self._node}/{self._probe_id}/{conn_id}".encode()
+        key = f"{self._node}/{self._probe_id}/{batch.conn_id}".encode()
         return key, value
 
     def _produce(self, key: bytes, value: bytes) -> None:
