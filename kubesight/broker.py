@@ -34,6 +34,7 @@ from pathlib import Path
 from types import TracebackType
 
 from kubesight.config import REPO_ROOT, Config, LocalBrokerConfig
+from kubesight.process import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -150,21 +151,6 @@ def _who_listens(port: int) -> str:
     return ""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie is not running.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    return True
-
-
 class LocalBroker:
     """One single-node KRaft Kafka broker, its files under ``<config.state_dir>/kafka/``.
 
@@ -202,7 +188,7 @@ class LocalBroker:
     def is_running(self) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None
-        return self._pid is not None and _pid_alive(self._pid)
+        return self._pid is not None and pid_alive(self._pid)
 
     def __repr__(self) -> str:
         return f"LocalBroker({self.bootstrap}, dir={self.dir}, pid={self.pid})"
@@ -277,7 +263,7 @@ class LocalBroker:
 
     def _is_our_broker(self, pid: int) -> bool:
         """The pid is alive and is `kafka.Kafka` run with this state dir's server.properties."""
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return False
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")

@@ -8,7 +8,6 @@ the metrics endpoint answer. Exit status 0 when everything is healthy, 1 otherwi
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.request
 from typing import Any
@@ -17,6 +16,7 @@ import msgpack
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from .config import Config
+from .process import pid_alive
 
 TAIL = 200  # messages read back per partition of health.v1
 STALE_S = 30.0
@@ -24,16 +24,6 @@ RATE_KEYS = {"probe": ("events_in", "kafka_delivered"),
              "worker": ("raw_batches", "requests"),
              "sink": ("windows_in",)}
 DROP_WORDS = ("drop", "error", "fail", "dead", "truncated", "unparsed", "lag")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _processes(config: Config) -> dict[str, int | None]:
@@ -46,7 +36,7 @@ def _processes(config: Config) -> dict[str, int | None]:
         except (OSError, ValueError, IndexError):
             out[name] = None
             continue
-        out[name] = pid if _alive(pid) else None
+        out[name] = pid if pid_alive(pid) else None
     return out
 
 

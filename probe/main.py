@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import msgpack
 from confluent_kafka import Producer
 
 from kubesight.config import Config
+from kubesight.process import run_component
 
 from . import node
 from .l7 import L7Probe
@@ -130,13 +129,4 @@ class ProbeRunner:
 
 
 def run(config: Config) -> None:
-    runner = ProbeRunner(config)
-    signal.signal(signal.SIGTERM, runner.stop)
-    signal.signal(signal.SIGINT, runner.stop)
-    pidfile = Path(config.state_dir) / "run" / "probe.pid"
-    pidfile.parent.mkdir(parents=True, exist_ok=True)
-    pidfile.write_text(f"{os.getpid()}\n")
-    try:
-        runner.run()
-    finally:
-        pidfile.unlink(missing_ok=True)
+    run_component("probe", config, ProbeRunner)

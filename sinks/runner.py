@@ -13,16 +13,15 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import msgpack
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from kubesight.config import Config
+from kubesight.process import run_component
 
 from .registry import build_sinks
 
@@ -140,13 +139,4 @@ class SinkRunner:
 
 
 def run(config: Config) -> None:
-    runner = SinkRunner(config)
-    signal.signal(signal.SIGTERM, runner.stop)
-    signal.signal(signal.SIGINT, runner.stop)
-    pidfile = Path(config.state_dir) / "run" / "sink.pid"
-    pidfile.parent.mkdir(parents=True, exist_ok=True)
-    pidfile.write_text(f"{os.getpid()}\n")
-    try:
-        runner.run()
-    finally:
-        pidfile.unlink(missing_ok=True)
+    run_component("sink", config, SinkRunner)
