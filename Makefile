@@ -23,7 +23,8 @@ test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check kubesight probe streams sinks schemas tests bench
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy kubesight probe streams sinks schemas
 
 bench: setup
 	$(PY) -m bench.run

@@ -65,8 +65,9 @@ def _health_reports(config: Config) -> dict[tuple[str, str, str], list[dict[str,
             for m in consumer.consume(num_messages=500, timeout=0.5):
                 if m.error():
                     continue
-                if m.offset() + 1 >= remaining.get(m.partition(), 0):
-                    remaining.pop(m.partition(), None)
+                part, offset = m.partition() or 0, m.offset() or 0
+                if offset + 1 >= remaining.get(part, 0):
+                    remaining.pop(part, None)
                 try:
                     r = msgpack.unpackb(m.value(), raw=False)
                     key = (r["component"], r["node"], r["instance"])

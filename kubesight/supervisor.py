@@ -17,9 +17,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from .config import Config
+
+if TYPE_CHECKING:
+    from .broker import LocalBroker
 
 RESTART_LIMIT = 5  # restarts within RESTART_WINDOW_S before a component is left down
 RESTART_WINDOW_S = 60.0
@@ -65,7 +68,7 @@ class Supervisor:
         self.config = config
         self.state = config.state_path
         self._stop = threading.Event()
-        self.broker = None
+        self.broker: LocalBroker | None = None
         env = dict(os.environ)
         if config_path:
             env["KUBESIGHT_CONFIG"] = str(Path(config_path).resolve())

@@ -23,6 +23,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from kubesight.config import Config
 from kubesight.process import run_component
 
+from .base import HealthRecord, WindowRecord
 from .registry import build_sinks
 
 log = logging.getLogger("kubesight.sink")
@@ -71,8 +72,8 @@ class SinkRunner:
                 sink.close()
 
     def _deliver(self, msgs: list[Any]) -> None:
-        windows: list[dict[str, Any]] = []
-        health: list[dict[str, Any]] = []
+        windows: list[WindowRecord] = []
+        health: list[HealthRecord] = []
         for m in msgs:
             if m.error():
                 self.counters["kafka_errors"] += 1
@@ -129,7 +130,7 @@ class SinkRunner:
         lag = self._raw_lag()
         if lag is not None:
             counters["worker_consumer_lag_raw"] = lag
-        record = {"v": 1, "component": "sink", "node": self.config.node_name,
+        record: HealthRecord = {"v": 1, "component": "sink", "node": self.config.node_name,
                   "instance": self.instance, "ts": time.time(), "counters": counters}
         for sink in self.sinks:
             try:

@@ -172,7 +172,7 @@ async def golden(stream: Any) -> None:
         windows_table[OFFSET_PREFIX + str(msg.partition).encode()] = str(msg.offset).encode()
 
 
-@app.timer(interval=1.0)
+@app.timer(interval=1.0)  # type: ignore[untyped-decorator]
 async def tick() -> None:
     """Let every series partition close its due windows, even when no traffic flows."""
     await _send_deferred_and_partials()  # also when no raw batch arrives
@@ -180,7 +180,7 @@ async def tick() -> None:
         await series_topic.send(key=TICK, value=b"", partition=partition)
 
 
-@app.timer(interval=30.0)
+@app.timer(interval=30.0)  # type: ignore[untyped-decorator]
 async def expire_idle_connections() -> None:
     records = reassembler.expire_idle()
     if records:
@@ -198,7 +198,7 @@ def worker_counters() -> dict[str, int]:
     return {k: max(0, int(v)) for k, v in out.items()}
 
 
-@app.timer(interval=HEALTH_INTERVAL_S)
+@app.timer(interval=HEALTH_INTERVAL_S)  # type: ignore[untyped-decorator]
 async def publish_health() -> None:
     record = {"v": 1, "component": "worker", "node": config.node_name, "instance": INSTANCE,
               "ts": time.time(), "counters": worker_counters()}
