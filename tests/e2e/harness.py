@@ -179,6 +179,17 @@ class Pipeline:
             raise AssertionError(f"{exc}; values seen: {seen[-8:]}\n{self.diagnostics()}") from None
         return seen[-1]
 
+    def wait_settled(self, metric: str, timeout: float = 90, **labels: str) -> float:
+        """The summed counter once it has stopped changing for a few windows."""
+        seen: list[float] = []
+
+        def check() -> bool:
+            seen.append(self.total(metric, **labels))
+            return len(seen) >= 12 and len(set(seen[-12:])) == 1
+
+        wait_for(f"{metric}{labels} to settle", check, timeout=timeout, interval=0.5)
+        return seen[-1]
+
     def diagnostics(self) -> str:
         parts = []
         for name, comp in self.components.items():

@@ -105,8 +105,13 @@ def test_pipelined_requests_counted_once(pipeline: Pipeline, nginx: Nginx,
     served = nginx.served("/small") - served0
     pipeline.wait_total(client0 + result.requests, REQ, side="client", dst_workload="nginx",
                         endpoint="/small")
-    pipeline.wait_total(server0 + served, REQ, side="server", dst_workload="nginx",
-                        endpoint="/small")
+    # Server side: every request nginx answered, none twice. When wrk stops it closes its
+    # connections with up to 8 pipelined requests each in flight; nginx logs those too, but
+    # its writes for them fail once the peer has reset, so no response exists to observe
+    # (failed writes are not captured yet). Hence: between wrk's count and nginx's log.
+    server = pipeline.wait_settled(REQ, side="server", dst_workload="nginx", endpoint="/small")
+    assert server0 + result.requests <= server <= server0 + served, (server0, server, served)
+    assert served - (server - server0) <= 8 * 4
 
 
 def test_large_post_and_chunked_response_counted_once(pipeline: Pipeline, nginx: Nginx,
@@ -140,3 +145,40 @@ def test_real_records_match_their_schema(pipeline: Pipeline, nginx: Nginx, topic
         if topic == "series.v1" and record is None:
             continue  # the golden agent's ticks: empty values, not records
         validate(topic, record)
+
+
+def test_malformed_raw_records_are_dead_lettered_and_the_worker_carries_on(
+        pipeline: Pipeline, nginx: Nginx) -> None:
+    import msgpack
+    from confluent_kafka import Producer
+    from kubesight.schemas import validate
+
+    bad = {
+        b"\xc1 not msgpack": "not msgpack",
+        msgpack.packb([1, 2, 3]): "missing v=1",
+        msgpack.packb({"v": 1, "node": "n"}): "missing field",
+        msgpack.packb({"v": 1, "node": "n", "probe": "p", "seq": 0, "conn": {
+            "id": 1, "tgid": 1, "comm": "x", "role": 1, "family": 2, "laddr": "a", "lport": 1,
+            "raddr": "b", "rport": 2}, "events": [[99, 0, 0, b""]]}): "unknown event kind",
+    }
+    producer = Producer(pipeline.config.kafka.librdkafka())
+    for i, value in enumerate(bad):
+        producer.produce(pipeline.config.topic("raw.v1"), key=f"bad/{i}".encode(), value=value)
+    assert producer.flush(30) == 0
+
+    def dead_letters() -> list[dict]:
+        return [r for r in read_topic(pipeline.config, "deadletter.v1")
+                if r["key"] and r["key"].startswith(b"bad/")]
+
+    letters = wait_for("4 dead letters", lambda: len(dead_letters()) >= 4 and dead_letters(),
+                       timeout=60)
+    assert len(letters) == 4
+    for letter in letters:
+        validate("deadletter.v1", letter)
+        assert letter["value"] in bad, "the original bytes are kept"
+        assert bad[letter["value"]] in letter["reason"], letter["reason"]
+    # ...and the worker is still counting real traffic.
+    assert curl(nginx.url + "/items/after-dead-letters") == 200
+    pipeline.wait_total(1, REQ, side="server", dst_workload="nginx",
+                        endpoint="/items/after-dead-letters")
+    assert pipeline.components["worker"].alive()
