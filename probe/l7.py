@@ -27,6 +27,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple
 
+import msgpack
+
 from .libbpf import BpfObject, ProbeAttachError, ProbeError, RingReader, num_possible_cpus
 
 log = logging.getLogger("kubesight.probe.l7")
@@ -206,15 +208,28 @@ def decode_records(view: memoryview | bytes, used: int, out: list[RawEvent],
 
 class ConnectionBatch:
     """One connection's events on their way to one Kafka message: the connection's identity
-    once, then ``[kind, unix ts_ns, size, payload]`` per event (the raw.v1 wire form)."""
+    once, then its events as msgpack-encoded ``[kind, unix ts_ns, size, payload]`` arrays
+    (the raw.v1 wire form), in runs as they were drained."""
 
-    __slots__ = ("conn_id", "meta", "events", "nbytes")
+    __slots__ = ("conn_id", "meta", "encoded", "n", "nbytes")
 
     def __init__(self, conn_id: int, meta: dict[str, Any]) -> None:
         self.conn_id = conn_id
         self.meta = meta
-        self.events: list[list[Any]] = []
-        self.nbytes = 0
+        self.encoded: list[bytes] = []
+        self.n = 0  # events
+        self.nbytes = 0  # encoded bytes
+
+    def add_encoded(self, run: bytes, events: int) -> None:
+        self.encoded.append(run)
+        self.n += events
+        self.nbytes += len(run)
+
+
+def _meta(conn_id: int, role: int, family: int, lport: int, rport: int, tgid: int,
+          decoded: tuple[str, str, str]) -> dict[str, Any]:
+    return {"id": conn_id, "tgid": tgid, "comm": decoded[2], "role": role, "family": family,
+            "laddr": decoded[0], "lport": lport, "raddr": decoded[1], "rport": rport}
 
 
 def decode_grouped(view: memoryview | bytes, used: int, offset_ns: int,
@@ -228,7 +243,7 @@ def decode_grouped(view: memoryview | bytes, used: int, offset_ns: int,
     A batch that reaches ``max_events`` or ``max_bytes`` is sealed and a new one opened, so
     no Kafka message outgrows what a broker accepts. Returns the number of events decoded.
     """
-    unpack, rec_size = _RECORD.unpack_from, _RECORD.size
+    unpack, rec_size, pack = _RECORD.unpack_from, _RECORD.size, msgpack.packb
     data = bytes(view[:used])
     off = count = 0
     while off < used:
@@ -237,19 +252,49 @@ def decode_grouped(view: memoryview | bytes, used: int, offset_ns: int,
         start = off + rec_size
         off += 4 + length
         count += 1
+        run = pack([kind, ts_ns + offset_ns, size, data[start:start + cap_len]])
         batch = open_batches.get(conn_id)
-        if batch is None or len(batch.events) >= max_events or batch.nbytes > max_bytes:
+        if batch is None or batch.n >= max_events or batch.nbytes + len(run) > max_bytes:
             if batch is not None:
                 sealed.append(batch)
-            decoded = names.get(raw)
-            if decoded is None:
-                decoded = names[raw] = _decode_names(family, raw)
-            batch = open_batches[conn_id] = ConnectionBatch(conn_id, {
-                "id": conn_id, "tgid": tgid, "comm": decoded[2], "role": role,
-                "family": family, "laddr": decoded[0], "lport": lport, "raddr": decoded[1],
-                "rport": rport})
-        batch.events.append([kind, ts_ns + offset_ns, size, data[start:start + cap_len]])
-        batch.nbytes += cap_len + 32
+            batch = open_batches[conn_id] = ConnectionBatch(
+                conn_id, _meta(conn_id, role, family, lport, rport, tgid,
+                               _names(names, family, raw)))
+        batch.add_encoded(run, 1)
+    return count
+
+
+def _names(cache: dict[bytes, tuple[str, str, str]], family: int,
+           raw: bytes) -> tuple[str, str, str]:
+    decoded = cache.get(raw)
+    if decoded is None:
+        decoded = cache[raw] = _decode_names(family, raw)
+    return decoded
+
+
+def group_runs(view: memoryview, groups: Any, ngroups: int, data: memoryview,
+               open_batches: dict[int, ConnectionBatch], sealed: list[ConnectionBatch],
+               names: dict[bytes, tuple[str, str, str]], max_events: int,
+               max_bytes: int) -> int:
+    """Append the per-connection runs that ks_group (bpf/drain.c) encoded; per connection,
+    not per event, work. Returns the number of events."""
+    unpack = _RECORD.unpack_from
+    count = 0
+    for i in range(ngroups):
+        g = groups[i]
+        conn_id, nevents, start, length = g.conn_id, g.nevents, g.data_off, g.data_len
+        count += nevents
+        batch = open_batches.get(conn_id)
+        if (batch is None or batch.n + nevents > max_events
+                or batch.nbytes + length > max_bytes):
+            if batch is not None:
+                sealed.append(batch)
+            (_len, _kind, role, family, lport, rport, tgid, _cid, _ts, _size, _cap,
+             raw) = unpack(view, g.first)
+            batch = open_batches[conn_id] = ConnectionBatch(
+                conn_id, _meta(conn_id, role, family, lport, rport, tgid,
+                               _names(names, family, bytes(raw))))
+        batch.add_encoded(bytes(data[start:start + length]), nevents)
     return count
 
 
@@ -381,10 +426,17 @@ class L7Probe:
             self._names.clear()
         total = 0
 
+        reader = self._reader
+
         def decode(view: memoryview, used: int) -> None:
             nonlocal total
-            total += decode_grouped(view, used, offset_ns, open_batches, sealed, self._names,
+            if reader.can_group:
+                groups, n, data = reader.group(used, offset_ns, max_events, max_bytes)
+                total += group_runs(view, groups, n, data, open_batches, sealed, self._names,
                                     max_events, max_bytes)
+            else:
+                total += decode_grouped(view, used, offset_ns, open_batches, sealed,
+                                        self._names, max_events, max_bytes)
 
         self._reader.drain(decode)
         return total

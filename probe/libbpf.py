@@ -301,8 +301,20 @@ class BpfObject:
             self._obj = None
 
 
+GROUPS_MAX = 65536  # connection runs per drained batch (a batch holds at most ~40k records)
+
+
+class KsGroup(ctypes.Structure):
+    """struct ks_group (bpf/drain.c): one connection's run of events in a drained batch."""
+
+    _fields_ = [("conn_id", ctypes.c_uint64), ("first", ctypes.c_uint32),
+                ("nevents", ctypes.c_uint32), ("data_off", ctypes.c_uint32),
+                ("data_len", ctypes.c_uint32)]
+
+
 class _DrainLib:
-    """libksdrain.so (bpf/drain.c): copies every available record in one C call."""
+    """libksdrain.so (bpf/drain.c): copies every available record in one C call, and groups
+    them per connection as encoded msgpack events."""
 
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path), use_errno=True)
@@ -316,6 +328,11 @@ class _DrainLib:
         self.drain.restype = ctypes.c_size_t
         self.drain.argtypes = [_c_void_p, _c_void_p, ctypes.c_size_t,
                                ctypes.POINTER(ctypes.c_uint64)]
+        self.group = lib.ks_group
+        self.group.restype = ctypes.c_long
+        self.group.argtypes = [_c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_uint32,
+                               ctypes.c_uint32, ctypes.POINTER(KsGroup), ctypes.c_size_t,
+                               _c_void_p, ctypes.c_size_t]
 
 
 class RingReader:
@@ -331,6 +348,7 @@ class RingReader:
                  batch_bytes: int = 4 << 20) -> None:
         self._buf = ctypes.create_string_buffer(batch_bytes)
         self._view = memoryview(self._buf).cast("B")
+        self._groups: Any = None  # allocated on first group()
         self._ring: int | None = None
         self._rb: int | None = None
         self._lib: _DrainLib | None = None
@@ -373,6 +391,25 @@ class RingReader:
             self._chunks.clear()
             on_batch(memoryview(joined), len(joined))
         return n
+
+    @property
+    def can_group(self) -> bool:
+        return self._lib is not None
+
+    def group(self, used: int, offset_ns: int, max_events: int, max_bytes: int
+              ) -> tuple[Any, int, memoryview]:
+        """Group the batch just handed to on_batch by connection (C). Returns (groups array,
+        count, encoded data)."""
+        assert self._lib is not None
+        if self._groups is None:
+            self._groups = (KsGroup * GROUPS_MAX)()
+            self._data = ctypes.create_string_buffer(len(self._buf))
+            self._data_view = memoryview(self._data).cast("B")
+        n = self._lib.group(self._buf, used, offset_ns, max_events, max_bytes, self._groups,
+                            GROUPS_MAX, self._data, len(self._data))
+        if n < 0:
+            raise ProbeError("ks_group: output buffers too small")
+        return self._groups, int(n), self._data_view
 
     def close(self) -> None:
         if self._ring is not None and self._lib is not None:
