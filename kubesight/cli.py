@@ -27,7 +27,7 @@ configuration:
   `kubesight config` prints every key with its effective value.
 
 examples:
-  sudo kubesight up                         # everything local; metrics on :9464
+  kubesight up                              # as root: everything local; metrics on :9464
   kubesight status                          # is it healthy, what flows, what drops
   KUBESIGHT_KAFKA__BOOTSTRAP_SERVERS=kafka:9092 kubesight worker
 """
