@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
+import ipaddress
 import time
 from collections.abc import Callable
 from typing import Any
@@ -78,6 +80,19 @@ class WindowPartial:
         return {"window_start": window_start, "count": self.count, "errors": self.errors,
                 "slow": self.slow, "sum_seconds": self.sum_seconds,
                 "sketch": self.sketch.to_wire()}
+
+
+@functools.lru_cache(maxsize=65536)
+def peer_name(addr: str) -> str:
+    """An unnamed peer: its address if private (a host or pod we may name later), else
+    ``external`` — public client addresses would make label cardinality unbounded."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        return "external"
+    if ip.is_private or ip.is_loopback or ip.is_link_local:
+        return addr
+    return "external"
 
 
 def series_key(labels: tuple[str, ...]) -> bytes:
@@ -209,11 +224,11 @@ class Reassembler:
             dst = self._listener_workload(conn.node, conn.raddr, conn.rport)
             if dst is None and same_node and not final:
                 return None
-            return conn.comm, dst or conn.raddr
+            return conn.comm, dst or peer_name(conn.raddr)
         src = self._client_sockets.get((conn.raddr, conn.rport, conn.laddr, conn.lport))
         if src is None and same_node and not final:
             return None
-        return src or conn.raddr, conn.comm
+        return src or peer_name(conn.raddr), conn.comm
 
     def _record(self, conn: _Connection, req: Request) -> dict[str, Any] | None:
         names = self._names(conn, req, final=False)

@@ -122,3 +122,14 @@ def test_unnamed_same_node_peer_falls_back_to_address_after_the_wait() -> None:
     [(_key, rec)] = r.release_deferred()
     assert rec["dst_workload"] == "127.0.0.1"
     assert len(r.take_partials()) == 1
+
+
+@pytest.mark.parametrize(("addr", "name"), [
+    ("10.1.2.3", "10.1.2.3"), ("192.168.0.7", "192.168.0.7"), ("127.0.0.1", "127.0.0.1"),
+    ("fd00::1", "fd00::1"), ("8.8.8.8", "external"), ("2001:4860::8888", "external"),
+    ("not-an-ip", "external"),
+])
+def test_unnamed_peers_keep_cardinality_bounded(addr: str, name: str) -> None:
+    from kubesight.streams.reassembly import peer_name
+
+    assert peer_name(addr) == name
