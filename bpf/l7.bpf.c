@@ -18,6 +18,8 @@
 #define S_IFMT		00170000
 #define S_IFSOCK	0140000
 #define EINPROGRESS	115
+#define EPIPE		32
+#define ECONNRESET	104
 #define MSG_PEEK	2
 
 char LICENSE[] SEC("license") = "GPL";
@@ -33,6 +35,7 @@ struct l7_args {
 	__u64 buf;		/* buffer, or struct iovec array */
 	__u64 sk;		/* struct sock * (0 for accept: known only at exit) */
 	__u64 enter_ns;		/* when the syscall was entered */
+	__u64 len;		/* bytes asked for (plain buffers of write/sendto only) */
 	__u32 iovcnt;
 	__s32 fd;
 	enum l7_kind kind;
@@ -162,11 +165,11 @@ static __always_inline struct sock *tcp_sock_of_fd(int fd)
 
 /* Stash what the exit program needs, keyed by thread. */
 static __always_inline void stash(__u64 pid_tgid, enum l7_kind kind, int fd, struct sock *sk,
-				  __u64 buf, __u32 iovcnt)
+				  __u64 buf, __u32 iovcnt, __u64 len)
 {
 	struct l7_args args = {
 		.buf = buf, .sk = (__u64)sk, .iovcnt = iovcnt, .fd = fd, .kind = kind,
-		.enter_ns = bpf_ktime_get_ns(),
+		.enter_ns = bpf_ktime_get_ns(), .len = len,
 	};
 
 	if (bpf_map_update_elem(&inflight, &pid_tgid, &args, BPF_ANY))
@@ -289,7 +292,8 @@ static __always_inline __u64 copy_iovecs(struct l7_event *ev, __u64 iovp, __u32 
 	return off;
 }
 
-static __always_inline int on_data_enter(enum l7_kind kind, int fd, __u64 buf, __u32 iovcnt)
+static __always_inline int on_data_enter(enum l7_kind kind, int fd, __u64 buf, __u32 iovcnt,
+					 __u64 len)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct sock *sk;
@@ -299,7 +303,7 @@ static __always_inline int on_data_enter(enum l7_kind kind, int fd, __u64 buf, _
 	sk = tcp_sock_of_fd(fd);
 	if (!sk)
 		return 0;
-	stash(id, kind, fd, sk, buf, iovcnt);
+	stash(id, kind, fd, sk, buf, iovcnt, len);
 	return 0;
 }
 
@@ -310,7 +314,7 @@ static __always_inline int on_msg_enter(enum l7_kind kind, int fd, __u64 msgp)
 
 	if (bpf_probe_read_user(&msg, sizeof(msg), (const void *)msgp))
 		return 0;
-	return on_data_enter(kind, fd, (__u64)msg.msg_iov, msg.msg_iovlen);
+	return on_data_enter(kind, fd, (__u64)msg.msg_iov, msg.msg_iovlen, 0);
 }
 
 static __always_inline int on_data_exit(long ret)
@@ -319,12 +323,18 @@ static __always_inline int on_data_exit(long ret)
 	struct l7_conn fresh = {}, *conn;
 	struct l7_args args;
 	struct l7_event *ev;
-	__u64 cap, want, got;
+	__u64 cap, want, got, sent;
+	bool dead;
 
-	if (!unstash(id, &args) || ret <= 0)
+	if (!unstash(id, &args))
 		return 0;
 	if (args.kind != L7_DATA_IN && args.kind != L7_DATA_OUT)
 		return 0;	/* stash left by a syscall whose exit we missed */
+	/* A send that fails because the peer is gone is still what the process answered (a
+	 * server logs it as served): report it, size = -errno. EAGAIN etc. are retried later. */
+	dead = args.kind == L7_DATA_OUT && (ret == -EPIPE || ret == -ECONNRESET);
+	if (ret <= 0 && !dead)
+		return 0;
 	conn = bpf_map_lookup_elem(&conns, &args.sk);
 	if (!conn) {
 		/* Open before the probe started: role unknown, identity from now on. */
@@ -340,8 +350,9 @@ static __always_inline int on_data_exit(long ret)
 	cap = capture_bytes;
 	if (cap > L7_CAPTURE_MAX)
 		cap = L7_CAPTURE_MAX;
-	want = (__u64)ret < cap ? (__u64)ret : cap;
-	if ((__u64)ret > want)
+	sent = dead ? (args.iovcnt ? cap : args.len) : (__u64)ret;
+	want = sent < cap ? sent : cap;
+	if (sent > want)
 		count(L7_CNT_TRUNCATED);
 	if (args.iovcnt == 0)
 		got = copy_payload(ev, 0, args.buf, want);
@@ -374,7 +385,7 @@ static __always_inline int on_accept_enter(void)
 
 	/* The new fd is known only at exit; stash just to remember the filter passed. */
 	if (traced(id))
-		stash(id, L7_ACCEPT, -1, NULL, 0, 0);
+		stash(id, L7_ACCEPT, -1, NULL, 0, 0, 0);
 	return 0;
 }
 
@@ -428,30 +439,32 @@ static __always_inline int on_close_enter(int fd)
 #define EXIT  struct trace_event_raw_sys_exit
 
 SEC("tp/syscalls/sys_enter_read")
-int enter_read(ENTER *ctx) { return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], 0); }
+int enter_read(ENTER *ctx) { return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], 0, 0); }
 SEC("tp/syscalls/sys_exit_read")
 int exit_read(EXIT *ctx) { return on_data_exit(ctx->ret); }
 
 SEC("tp/syscalls/sys_enter_write")
-int enter_write(ENTER *ctx) { return on_data_enter(L7_DATA_OUT, ctx->args[0], ctx->args[1], 0); }
+int enter_write(ENTER *ctx)
+{ return on_data_enter(L7_DATA_OUT, ctx->args[0], ctx->args[1], 0, ctx->args[2]); }
 SEC("tp/syscalls/sys_exit_write")
 int exit_write(EXIT *ctx) { return on_data_exit(ctx->ret); }
 
 /* readv/writev: args are (fd, iov, iovcnt). */
 SEC("tp/syscalls/sys_enter_readv")
 int enter_readv(ENTER *ctx)
-{ return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], ctx->args[2]); }
+{ return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], ctx->args[2], 0); }
 SEC("tp/syscalls/sys_exit_readv")
 int exit_readv(EXIT *ctx) { return on_data_exit(ctx->ret); }
 
 SEC("tp/syscalls/sys_enter_writev")
 int enter_writev(ENTER *ctx)
-{ return on_data_enter(L7_DATA_OUT, ctx->args[0], ctx->args[1], ctx->args[2]); }
+{ return on_data_enter(L7_DATA_OUT, ctx->args[0], ctx->args[1], ctx->args[2], 0); }
 SEC("tp/syscalls/sys_exit_writev")
 int exit_writev(EXIT *ctx) { return on_data_exit(ctx->ret); }
 
 SEC("tp/syscalls/sys_enter_sendto")
-int enter_sendto(ENTER *ctx) { return on_data_enter(L7_DATA_OUT, ctx->args[0], ctx->args[1], 0); }
+int enter_sendto(ENTER *ctx)
+{ return on_data_enter(L7_DATA_OUT, ctx->args[0], ctx->args[1], 0, ctx->args[2]); }
 SEC("tp/syscalls/sys_exit_sendto")
 int exit_sendto(EXIT *ctx) { return on_data_exit(ctx->ret); }
 
@@ -461,7 +474,7 @@ int enter_recvfrom(ENTER *ctx)
 {
 	if (ctx->args[3] & MSG_PEEK)
 		return 0;
-	return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], 0);
+	return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], 0, 0);
 }
 SEC("tp/syscalls/sys_exit_recvfrom")
 int exit_recvfrom(EXIT *ctx) { return on_data_exit(ctx->ret); }
@@ -483,7 +496,7 @@ SEC("tp/syscalls/sys_exit_recvmsg")
 int exit_recvmsg(EXIT *ctx) { return on_data_exit(ctx->ret); }
 
 SEC("tp/syscalls/sys_enter_connect")
-int enter_connect(ENTER *ctx) { return on_data_enter(L7_CONNECT, ctx->args[0], 0, 0); }
+int enter_connect(ENTER *ctx) { return on_data_enter(L7_CONNECT, ctx->args[0], 0, 0, 0); }
 SEC("tp/syscalls/sys_exit_connect")
 int exit_connect(EXIT *ctx) { return on_connect_exit(ctx->ret); }
 

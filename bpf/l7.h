@@ -50,7 +50,7 @@ struct l7_event {
 	__s32 fd;
 	__u64 conn_id;		/* unique per probe instance, never 0 */
 	__u64 ts_ns;		/* CLOCK_MONOTONIC; data out: syscall entry, others: exit */
-	__s64 size;		/* syscall return: bytes actually transferred */
+	__s64 size;		/* syscall return: bytes transferred (-EPIPE/-ECONNRESET: send failed) */
 	__u32 cap_len;		/* bytes of payload[] that follow the header */
 	__u32 _pad1;
 	__u8  laddr[L7_ADDR_LEN];	/* IPv4 in the first 4 bytes, or IPv6 */

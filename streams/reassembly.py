@@ -154,6 +154,9 @@ class Reassembler:
             except (TypeError, ValueError) as exc:
                 raise MalformedBatch(f"event is not [kind, ts, size, payload]: {ev!r:.80}") from exc
             if kind == KIND_DATA_OUT:
+                if size < 0:  # the send failed, the peer is gone: what was answered, unsent
+                    self.counters["failed_sends"] += 1
+                    size = len(payload)
                 out += feed("out", ts, size, payload)
             elif kind == KIND_DATA_IN:
                 out += feed("in", ts, size, payload)

@@ -105,13 +105,11 @@ def test_pipelined_requests_counted_once(pipeline: Pipeline, nginx: Nginx,
     served = nginx.served("/small") - served0
     pipeline.wait_total(client0 + result.requests, REQ, side="client", dst_workload="nginx",
                         endpoint="/small")
-    # Server side: every request nginx answered, none twice. When wrk stops it closes its
-    # connections with up to 8 pipelined requests each in flight; nginx logs those too, but
-    # its writes for them fail once the peer has reset, so no response exists to observe
-    # (failed writes are not captured yet). Hence: between wrk's count and nginx's log.
-    server = pipeline.wait_settled(REQ, side="server", dst_workload="nginx", endpoint="/small")
-    assert server0 + result.requests <= server <= server0 + served, (server0, server, served)
-    assert served - (server - server0) <= 8 * 4
+    # Server side: exactly what nginx logged, including the pipelined requests it answered
+    # after wrk had already reset the connection (those sends fail with EPIPE/ECONNRESET; the
+    # probe reports them with the payload nginx tried to send).
+    pipeline.wait_total(server0 + served, REQ, side="server", dst_workload="nginx",
+                        endpoint="/small")
 
 
 def test_large_post_and_chunked_response_counted_once(pipeline: Pipeline, nginx: Nginx,

@@ -133,3 +133,12 @@ def test_unnamed_peers_keep_cardinality_bounded(addr: str, name: str) -> None:
     from kubesight.streams.reassembly import peer_name
 
     assert peer_name(addr) == name
+
+
+def test_a_send_that_failed_on_a_dead_connection_still_answers_the_request() -> None:
+    r = reassembler()
+    [rec] = r.on_batch("s", batch(2, "nginx", ("127.0.0.1", 80), ("10.0.0.9", 5000), [
+        [KIND_ACCEPT, S, 0, b""], [KIND_DATA_IN, S, len(REQ), REQ],
+        [KIND_DATA_OUT, 2 * S, -32, RESP], [KIND_CLOSE, 2 * S, 0, b""]]))
+    assert (rec["side"], rec["status"], rec["response_bytes"]) == ("server", "200", len(RESP))
+    assert r.parser_counters()["failed_sends"] == 1
