@@ -200,6 +200,38 @@ class Config:
         return f"{self.kafka.topic_prefix}{name}"
 
 
+def coerce_scalar(value: Any, hint: Any, key: str,
+                  error: type[ConfigError] = ConfigError) -> Any:
+    """Check (and gently convert) a bool/int/float/str value; ``error`` names ``key``.
+    Returns ``NotImplemented`` for other hints. Shared with the sinks' own configs."""
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise error(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise error(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise error(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise error(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return NotImplemented
+
+
+def check_key(key: str, dotted: str, names: list[str],
+              error: type[ConfigError] = ConfigError) -> None:
+    """Reject a key that is not one of ``names``, suggesting the closest one."""
+    if key not in names:
+        close = difflib.get_close_matches(key, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise error(f"{dotted}: unknown key{hint}; valid keys: {', '.join(names)}")
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check (and gently convert) one value against a dataclass field's type hint."""
     origin = typing.get_origin(hint)
@@ -207,22 +239,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
         return _build(hint, value, key)  # type: ignore[arg-type]
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
+    scalar = coerce_scalar(value, hint, key)
+    if scalar is not NotImplemented:
+        return scalar
     if origin is tuple:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
@@ -245,10 +264,7 @@ def _build(cls: type[Any], data: Mapping[str, Any], prefix: str = "") -> Any:
     for raw_key, value in data.items():
         key = str(raw_key)
         dotted = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{dotted}: unknown key{hint}; valid keys: {', '.join(names)}")
+        check_key(key, dotted, names)
         kwargs[key] = _coerce(value, hints[key], dotted)
     try:
         return cls(**kwargs)

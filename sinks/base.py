@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import difflib
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Generic, NotRequired, Self, TypedDict, TypeVar
 
-from kubesight.config import ConfigError
+from kubesight.config import ConfigError, check_key, coerce_scalar
 
 __all__ = [
     "SERIES_LABELS", "HealthRecord", "SeriesLabels", "Sink", "SinkConfig", "SinkConfigError",
@@ -109,34 +108,16 @@ class SinkConfig:
         kwargs: dict[str, Any] = {}
         for raw_key, value in data.items():
             key = str(raw_key)
-            if key not in names:
-                close = difflib.get_close_matches(key, names, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise SinkConfigError(
-                    f"{section}.{key}: unknown key{hint}; valid keys: {', '.join(names)}"
-                )
+            check_key(key, f"{section}.{key}", names, SinkConfigError)
             kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
         return cls(**kwargs)
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise SinkConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SinkConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise SinkConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise SinkConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    raise SinkConfigError(f"{key}: unsupported type {hint!r}")
+    scalar = coerce_scalar(value, hint, key, SinkConfigError)
+    if scalar is NotImplemented:
+        raise SinkConfigError(f"{key}: unsupported type {hint!r}")
+    return scalar
 
 
 @dataclasses.dataclass(frozen=True)
