@@ -131,10 +131,18 @@ class StreamsConfig:
     # A window is emitted once the wall clock is this far past its end; late records reopen it
     # and are emitted as a further delta, so counters stay exact.
     grace_seconds: float = 2.0
+    # A request slower than its protocol's threshold counts as slow. Caches and resolvers are
+    # expected to answer in a few milliseconds, databases and APIs in tens to hundreds.
     slow_threshold_ms: Mapping[str, float] = dataclasses.field(
-        default_factory=lambda: {"http": 500.0}
+        default_factory=lambda: {"http": 500.0, "http2": 500.0, "grpc": 500.0,
+                                 "postgresql": 500.0, "mysql": 500.0, "kafka": 500.0,
+                                 "redis": 100.0, "dns": 200.0}
     )
     default_slow_threshold_ms: float = 500.0
+    # SQL statement text in request records: literals replaced by ``?`` unless disabled
+    # (they carry whatever the application put there, passwords included).
+    mask_sql_literals: bool = True
+    max_query_chars: int = 1024
     take_max: int = 200  # Kafka messages per batch an agent takes at once
     take_within_s: float = 0.05
     web_port: int = 6066
@@ -149,6 +157,9 @@ class StreamsConfig:
             raise ConfigError(f"streams.window_seconds: must be >= 1, got {self.window_seconds}")
         if self.grace_seconds < 0:
             raise ConfigError(f"streams.grace_seconds: must be >= 0, got {self.grace_seconds}")
+        if not 64 <= self.max_query_chars <= 1024:
+            raise ConfigError(
+                f"streams.max_query_chars: must be within 64..1024, got {self.max_query_chars}")
         for proto, ms in self.slow_threshold_ms.items():
             if not isinstance(ms, int | float) or ms <= 0:
                 raise ConfigError(f"streams.slow_threshold_ms.{proto}: must be > 0, got {ms!r}")

@@ -33,6 +33,7 @@ from .app import (
     windows_table,
 )
 from .golden import Window, WindowStore
+from .protocols import ParserOptions
 from .reassembly import MalformedBatch, Reassembler
 
 log = logging.getLogger("kubesight.streams")
@@ -42,8 +43,11 @@ OFFSET_PREFIX = b"\x00offset/"
 HEALTH_INTERVAL_S = 5.0
 INSTANCE = f"{int(time.time())}-{os.getpid()}"
 
-reassembler = Reassembler(window_seconds=config.streams.window_seconds,
-                          slow_threshold_ns=config.streams.slow_threshold_ns)
+reassembler = Reassembler(
+    window_seconds=config.streams.window_seconds,
+    slow_threshold_ns=config.streams.slow_threshold_ns,
+    options=ParserOptions(mask_sql_literals=config.streams.mask_sql_literals,
+                          max_query_chars=config.streams.max_query_chars))
 store = WindowStore(window_seconds=config.streams.window_seconds,
                     grace_seconds=config.streams.grace_seconds)
 counters = collections.Counter[str]()

@@ -22,8 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .endpoints import normalise
-from .http1 import Http1Connection
+from .protocols import ParserOptions, Sniffer
 from .record import Request
 from .sketch import LatencySketch
 
@@ -53,7 +52,7 @@ class _Connection:
     lport: int
     raddr: str
     rport: int
-    parser: Http1Connection
+    parser: Sniffer
     last_seen: float
 
 
@@ -103,8 +102,10 @@ class Reassembler:
     """Holds every live connection's parser; turns raw batches into requests and partials."""
 
     def __init__(self, *, window_seconds: int, slow_threshold_ns: Callable[[str], int],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 options: ParserOptions | None = None) -> None:
         self.window_seconds = window_seconds
+        self.options = options or ParserOptions()
         self._slow_ns = slow_threshold_ns
         self._clock = clock
         self.connections: dict[str, _Connection] = {}
@@ -178,7 +179,8 @@ class Reassembler:
             conn = _Connection(
                 key=key, node=node, tgid=int(meta["tgid"]), comm=str(meta["comm"]),
                 laddr=str(meta["laddr"]), lport=int(meta["lport"]), raddr=str(meta["raddr"]),
-                rport=int(meta["rport"]), parser=Http1Connection(role), last_seen=self._clock())
+                rport=int(meta["rport"]), parser=Sniffer(role, self.options),
+                last_seen=self._clock())
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedBatch(f"bad conn metadata: {exc}") from exc
         self.connections[key] = conn
@@ -198,8 +200,7 @@ class Reassembler:
         self.counters["connections_closed"] += 1
 
     def _fold_parser_counters(self, conn: _Connection) -> None:
-        for name, value in vars_counters(conn.parser).items():
-            self.counters[f"http_{name}"] += value
+        self.counters.update(conn.parser.parser_counters())
 
     def expire_idle(self, max_idle_s: float = IDLE_CONNECTION_S) -> list[dict[str, Any]]:
         """Forget connections silent for too long (their close was never seen)."""
@@ -260,13 +261,12 @@ class Reassembler:
     def _build(self, conn: _Connection, req: Request, src: str, dst: str) -> dict[str, Any]:
         latency_ns = max(0, req.end_ns - req.start_ns)
         slow = latency_ns > self._slow_ns(req.protocol)
-        endpoint = normalise(req.endpoint) if req.endpoint else ""
         record = {
             "protocol": req.protocol, "side": req.side, "method": req.method,
-            "endpoint": endpoint, "path": req.raw_path[:256], "status": req.status,
+            "endpoint": req.endpoint[:256], "path": req.raw_path[:256], "status": req.status,
             "error": req.error, "slow": slow, "start_ns": req.start_ns, "end_ns": req.end_ns,
             "request_bytes": req.request_bytes, "response_bytes": req.response_bytes,
-            "complete": req.complete, "src_namespace": "", "src_workload": src,
+            "complete": req.complete, "query": req.query, "src_namespace": "", "src_workload": src,
             "dst_namespace": "", "dst_workload": dst, "pid": conn.tgid,
         }
         self._aggregate(record, latency_ns)
@@ -301,13 +301,5 @@ class Reassembler:
     def parser_counters(self) -> dict[str, int]:
         totals = collections.Counter(self.counters)
         for conn in self.connections.values():
-            for name, value in vars_counters(conn.parser).items():
-                totals[f"http_{name}"] += value
+            totals.update(conn.parser.parser_counters())
         return dict(totals)
-
-
-def vars_counters(parser: Http1Connection) -> dict[str, int]:
-    counters = getattr(parser, "counters", None)
-    if isinstance(counters, dict):
-        return {k: int(v) for k, v in counters.items()}
-    return {}

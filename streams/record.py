@@ -13,7 +13,7 @@ from typing import Any
 
 @dataclass(slots=True)
 class Request:
-    protocol: str  # "http"
+    protocol: str  # "http", "http2", "grpc", "mysql", "postgresql", "redis", "dns", "kafka"
     side: str  # "client" (this process sent the request) | "server" (it received it)
     method: str
     endpoint: str  # normalised path, bounded cardinality
@@ -25,6 +25,9 @@ class Request:
     request_bytes: int  # counted from syscall sizes, including bytes not captured
     response_bytes: int
     complete: bool  # False if a header was truncated, framing was lost or guessed
+    # Protocol detail an on-call engineer reads: SQL statement text (bounded, literals masked
+    # by default), Redis command line without arguments, DNS "qtype name". Empty for HTTP.
+    query: str = ""
 
     @property
     def latency_ns(self) -> int:
@@ -44,4 +47,5 @@ class Request:
             "request_bytes": self.request_bytes,
             "response_bytes": self.response_bytes,
             "complete": self.complete,
+            "query": self.query,
         }
