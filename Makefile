@@ -10,7 +10,9 @@ KAFKA_VERSION ?= 3.9.1
 KAFKA_LIBS := .cache/kafka-$(KAFKA_VERSION)/libs
 
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool libelf-dev zlib1g-dev make gcc \
-	maven openjdk-17-jre-headless nginx-light wrk curl iptables iproute2 python3-venv
+	maven openjdk-17-jre-headless nginx-light wrk curl iptables iproute2 python3-venv \
+	redis-server redis-tools postgresql postgresql-contrib mariadb-server mariadb-client \
+	dnsmasq-base bind9-dnsutils openssl conntrack
 
 .PHONY: setup up test bpf kafka venv apt clean lint bench
 

@@ -1,10 +1,14 @@
 // SPDX-License-Identifier: GPL-2.0
 /* l7: TCP connection and payload events from syscall tracepoints (no kprobes needed).
  *
- * Entry programs decide early and cheaply: filtered process? not a TCP socket? -> return.
+ * Entry programs decide early and cheaply: filtered process? not a TCP/UDP socket? -> return.
  * Otherwise they stash the syscall arguments per thread; exit programs read the return value,
  * copy a bounded payload prefix and submit one event to the ring buffer without a wakeup
  * (the user side polls on a timer; a wakeup per event costs ~5 us here).
+ *
+ * UDP has no connections: each (socket, peer address) pair is a flow with an identity of its
+ * own, and only datagrams that start with a DNS header are sent (DNS is the one UDP protocol
+ * parsed). A flow's role is client if its first datagram seen went out, server otherwise.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -32,14 +36,17 @@ __u64 next_conn_id = 0;
 
 /* What a thread's pending syscall needs at exit. iovcnt == 0 means buf is a plain buffer. */
 struct l7_args {
-	__u64 buf;		/* buffer, or struct iovec array */
+	__u64 buf;		/* buffer, struct iovec array, or struct mmsghdr array (mmsg) */
 	__u64 sk;		/* struct sock * (0 for accept: known only at exit) */
 	__u64 enter_ns;		/* when the syscall was entered */
 	__u64 len;		/* bytes asked for (plain buffers of write/sendto only) */
-	__u32 iovcnt;
+	__u64 name;		/* UDP: struct sockaddr * of the peer (sendto/recvfrom), or 0 */
+	__u32 iovcnt;		/* iovecs, or mmsghdrs when mmsg */
 	__s32 fd;
 	enum l7_kind kind;
-	__u32 _pad;
+	__u8  transport;	/* enum l7_transport */
+	__u8  mmsg;		/* sendmmsg/recvmmsg */
+	__u16 _pad;
 };
 
 /* Identity of one TCP connection, keyed by its struct sock *. */
@@ -49,9 +56,18 @@ struct l7_conn {
 	__u16 lport;
 	__u16 rport;
 	__u8  family;
-	__u8  _pad[7];
+	__u8  transport;
+	__u8  _pad[6];
 	__u8  laddr[L7_ADDR_LEN];
 	__u8  raddr[L7_ADDR_LEN];
+};
+
+/* A UDP flow: one socket and one peer. */
+struct l7_flow_key {
+	__u64 sk;
+	__u8  raddr[L7_ADDR_LEN];
+	__u16 rport;
+	__u16 _pad[3];
 };
 
 /* Slack after payload[]: the verifier bounds offset and length separately (each <= max). */
@@ -80,6 +96,22 @@ struct {
 } conns SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, L7_MAX_UDP_FLOWS);
+	__type(key, struct l7_flow_key);
+	__type(value, struct l7_conn);
+} udp_flows SEC(".maps");
+
+/* A UDP socket's latest flow, closed with the socket (a connected socket has only that one;
+ * a server's other flows are expired by the stream worker). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, L7_MAX_UDP_FLOWS);
+	__type(key, __u64);			/* struct sock * */
+	__type(value, struct l7_flow_key);
+} udp_last_flow SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, L7_MAX_EXCLUDED);
 	__type(key, __u32);			/* tgid */
@@ -106,6 +138,7 @@ struct l7_btf_anchor {
 	enum l7_kind kind;
 	enum l7_role role;
 	enum l7_counter counter;
+	enum l7_transport transport;
 	struct l7_event *event;
 } l7_btf_anchor __attribute__((unused));
 
@@ -127,9 +160,9 @@ static __always_inline bool traced(__u64 pid_tgid)
 	return !bpf_map_lookup_elem(&excluded_tgids, &tgid);
 }
 
-/* fd -> struct sock * if it is a TCP socket over IPv4/IPv6, else NULL (no kprobes: walk the
- * fd table with CO-RE). */
-static __always_inline struct sock *tcp_sock_of_fd(int fd)
+/* fd -> struct sock * if it is a TCP or UDP socket over IPv4/IPv6, else NULL (no kprobes:
+ * walk the fd table with CO-RE). *transport tells which. */
+static __always_inline struct sock *inet_sock_of_fd(int fd, __u8 *transport)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
@@ -155,21 +188,34 @@ static __always_inline struct sock *tcp_sock_of_fd(int fd)
 	sk = BPF_CORE_READ(sock, sk);
 	family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	proto = BPF_CORE_READ(sk, sk_protocol);
-	/* AF_UNIX and UDP sockets pass the S_IFSOCK test too. */
-	if ((family != AF_INET && family != AF_INET6) || proto != IPPROTO_TCP) {
-		count(L7_CNT_SKIPPED_NOT_TCP);
+	/* AF_UNIX, netlink and raw sockets pass the S_IFSOCK test too. */
+	if ((family != AF_INET && family != AF_INET6) ||
+	    (proto != IPPROTO_TCP && proto != IPPROTO_UDP)) {
+		count(L7_CNT_SKIPPED_NOT_INET);
 		return NULL;
 	}
+	*transport = proto;
 	return sk;
+}
+
+/* Connections (TCP) only: accept, connect and close of a stream socket. */
+static __always_inline struct sock *tcp_sock_of_fd(int fd)
+{
+	__u8 transport = 0;
+	struct sock *sk = inet_sock_of_fd(fd, &transport);
+
+	return sk && transport == L7_TCP ? sk : NULL;
 }
 
 /* Stash what the exit program needs, keyed by thread. */
 static __always_inline void stash(__u64 pid_tgid, enum l7_kind kind, int fd, struct sock *sk,
-				  __u64 buf, __u32 iovcnt, __u64 len)
+				  __u64 buf, __u32 iovcnt, __u64 len, __u8 transport, __u64 name,
+				  __u8 mmsg)
 {
 	struct l7_args args = {
 		.buf = buf, .sk = (__u64)sk, .iovcnt = iovcnt, .fd = fd, .kind = kind,
-		.enter_ns = bpf_ktime_get_ns(), .len = len,
+		.enter_ns = bpf_ktime_get_ns(), .len = len, .transport = transport,
+		.name = name, .mmsg = mmsg,
 	};
 
 	if (bpf_map_update_elem(&inflight, &pid_tgid, &args, BPF_ANY))
@@ -198,6 +244,7 @@ static __always_inline void conn_new(struct l7_conn *conn, struct sock *sk, enum
 
 	conn->conn_id = __sync_fetch_and_add(&next_conn_id, 1) + 1;
 	conn->role = role;
+	conn->transport = L7_TCP;
 	conn->family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	conn->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
 	conn->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
@@ -226,7 +273,7 @@ static __always_inline struct l7_event *event_start(enum l7_kind kind, const str
 	ev->kind = kind;
 	ev->role = conn->role;
 	ev->family = conn->family;
-	ev->_pad0 = 0;
+	ev->transport = conn->transport;
 	ev->lport = conn->lport;
 	ev->rport = conn->rport;
 	ev->tgid = pid_tgid >> 32;
@@ -293,28 +340,165 @@ static __always_inline __u64 copy_iovecs(struct l7_event *ev, __u64 iovp, __u32 
 }
 
 static __always_inline int on_data_enter(enum l7_kind kind, int fd, __u64 buf, __u32 iovcnt,
-					 __u64 len)
+					 __u64 len, __u64 name, __u8 mmsg)
 {
 	__u64 id = bpf_get_current_pid_tgid();
+	__u8 transport = 0;
 	struct sock *sk;
 
 	if (!traced(id))
 		return 0;
-	sk = tcp_sock_of_fd(fd);
-	if (!sk)
+	sk = inet_sock_of_fd(fd, &transport);
+	if (!sk || (kind == L7_CONNECT && transport != L7_TCP))
+		return 0;	/* a UDP connect() only sets the default peer: no connection */
+	if (mmsg && transport != L7_UDP)
 		return 0;
-	stash(id, kind, fd, sk, buf, iovcnt, len);
+	stash(id, kind, fd, sk, buf, iovcnt, len, transport, name, mmsg);
 	return 0;
 }
 
-/* sendmsg/recvmsg: the iovec array lives in the user's msghdr. */
+/* sendmsg/recvmsg: the iovec array (and a UDP peer's address) live in the user's msghdr. */
 static __always_inline int on_msg_enter(enum l7_kind kind, int fd, __u64 msgp)
 {
 	struct user_msghdr msg;
 
 	if (bpf_probe_read_user(&msg, sizeof(msg), (const void *)msgp))
 		return 0;
-	return on_data_enter(kind, fd, (__u64)msg.msg_iov, msg.msg_iovlen, 0);
+	return on_data_enter(kind, fd, (__u64)msg.msg_iov, msg.msg_iovlen, 0,
+			     (__u64)msg.msg_name, 0);
+}
+
+/* Copy the payload of one send/receive into ev; returns bytes copied. */
+static __always_inline __u64 copy_message(struct l7_event *ev, __u64 buf, __u32 iovcnt,
+					  __u64 sent)
+{
+	__u64 cap = capture_bytes, want;
+
+	if (cap > L7_CAPTURE_MAX)
+		cap = L7_CAPTURE_MAX;
+	want = sent < cap ? sent : cap;
+	if (sent > want)
+		count(L7_CNT_TRUNCATED);
+	if (iovcnt == 0)
+		return copy_payload(ev, 0, buf, want);
+	return copy_iovecs(ev, buf, iovcnt, want);
+}
+
+/* The DNS header's fixed bits: opcode QUERY, exactly one question. Anything else on UDP is
+ * not worth a ring-buffer slot (the user side has no other UDP parser). */
+static __always_inline bool looks_like_dns(const struct l7_event *ev, __u64 got)
+{
+	return got >= 12 && (ev->payload[2] & 0x78) == 0 && ev->payload[4] == 0 &&
+	       ev->payload[5] == 1;
+}
+
+/* The peer of one datagram: the address the syscall names, else the connected peer. */
+static __always_inline void udp_peer(struct sock *sk, __u64 name, struct l7_flow_key *key,
+				     __u8 *family)
+{
+	struct sockaddr_in6 sa = {};
+
+	*family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if (name && !bpf_probe_read_user(&sa, sizeof(struct sockaddr_in), (const void *)name)) {
+		if (sa.sin6_family == AF_INET) {
+			struct sockaddr_in *in = (struct sockaddr_in *)&sa;
+
+			*family = AF_INET;
+			key->rport = bpf_ntohs(in->sin_port);
+			__builtin_memcpy(key->raddr, &in->sin_addr, 4);
+			return;
+		}
+		if (sa.sin6_family == AF_INET6 &&
+		    !bpf_probe_read_user(&sa, sizeof(sa), (const void *)name)) {
+			*family = AF_INET6;
+			key->rport = bpf_ntohs(sa.sin6_port);
+			__builtin_memcpy(key->raddr, &sa.sin6_addr, 16);
+			return;
+		}
+	}
+	key->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (*family == AF_INET)
+		bpf_core_read(key->raddr, 4, &sk->__sk_common.skc_daddr);
+	else
+		bpf_core_read(key->raddr, 16, &sk->__sk_common.skc_v6_daddr);
+}
+
+/* The flow of one datagram; a new flow gets an identity and becomes its socket's latest. */
+static __always_inline bool udp_flow(struct sock *sk, __u64 name, enum l7_kind kind,
+				     struct l7_conn *conn)
+{
+	struct l7_flow_key key = {.sk = (__u64)sk};
+	struct l7_conn *known;
+	__u8 family;
+
+	udp_peer(sk, name, &key, &family);
+	known = bpf_map_lookup_elem(&udp_flows, &key);
+	if (known) {
+		*conn = *known;
+		return true;
+	}
+	conn->conn_id = __sync_fetch_and_add(&next_conn_id, 1) + 1;
+	conn->role = kind == L7_DATA_OUT ? L7_ROLE_CLIENT : L7_ROLE_SERVER;
+	conn->transport = L7_UDP;
+	conn->family = family;
+	conn->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	conn->rport = key.rport;
+	__builtin_memcpy(conn->raddr, key.raddr, L7_ADDR_LEN);
+	if (family == AF_INET)
+		bpf_core_read(conn->laddr, 4, &sk->__sk_common.skc_rcv_saddr);
+	else
+		bpf_core_read(conn->laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+	if (bpf_map_update_elem(&udp_flows, &key, conn, BPF_ANY)) {
+		count(L7_CNT_FLOW_TABLE_FULL);
+		return true;	/* still report this datagram, under a one-off identity */
+	}
+	bpf_map_update_elem(&udp_last_flow, &key.sk, &key, BPF_ANY);
+	return true;
+}
+
+/* One datagram: payload first (it decides whether this is DNS), then the flow's identity. */
+static __always_inline void udp_datagram(const struct l7_args *args, __u64 id, __s64 size,
+					 __u64 buf, __u32 iovcnt, __u64 name, __u64 ts)
+{
+	struct l7_conn conn = {};
+	struct l7_event *ev;
+	__u64 got;
+
+	ev = event_start(args->kind, &conn, args->fd, size, id, ts);
+	if (!ev)
+		return;
+	got = copy_message(ev, buf, iovcnt, (__u64)size);
+	if (!looks_like_dns(ev, got)) {
+		count(L7_CNT_SKIPPED_UDP_NOT_DNS);
+		return;
+	}
+	udp_flow((struct sock *)args->sk, name, args->kind, &conn);
+	ev->role = conn.role;
+	ev->transport = L7_UDP;
+	ev->family = conn.family;
+	ev->lport = conn.lport;
+	ev->rport = conn.rport;
+	ev->conn_id = conn.conn_id;
+	__builtin_memcpy(ev->laddr, conn.laddr, L7_ADDR_LEN);
+	__builtin_memcpy(ev->raddr, conn.raddr, L7_ADDR_LEN);
+	event_submit(ev, got);
+}
+
+/* sendmmsg/recvmmsg returned ret datagrams: report up to L7_MAX_MMSG of them. */
+static __always_inline void udp_mmsg(const struct l7_args *args, __u64 id, long ret, __u64 ts)
+{
+	struct mmsghdr m;
+
+	for (int i = 0; i < L7_MAX_MMSG; i++) {
+		if (i >= ret || i >= args->iovcnt)
+			break;
+		if (bpf_probe_read_user(&m, sizeof(m),
+					(const void *)(args->buf + i * sizeof(struct mmsghdr))))
+			break;
+		udp_datagram(args, id, m.msg_len, (__u64)m.msg_hdr.msg_iov,
+			     m.msg_hdr.msg_iovlen ? m.msg_hdr.msg_iovlen : 1,
+			     (__u64)m.msg_hdr.msg_name, ts);
+	}
 }
 
 static __always_inline int on_data_exit(long ret)
@@ -323,13 +507,25 @@ static __always_inline int on_data_exit(long ret)
 	struct l7_conn fresh = {}, *conn;
 	struct l7_args args;
 	struct l7_event *ev;
-	__u64 cap, want, got, sent;
+	__u64 got, sent, ts;
 	bool dead;
 
 	if (!unstash(id, &args))
 		return 0;
 	if (args.kind != L7_DATA_IN && args.kind != L7_DATA_OUT)
 		return 0;	/* stash left by a syscall whose exit we missed */
+	/* A write starts a message when it is called (on loopback the send itself may run the
+	 * receiver first); a read has the message when it returns. */
+	ts = args.kind == L7_DATA_OUT ? args.enter_ns : bpf_ktime_get_ns();
+	if (args.transport == L7_UDP) {
+		if (ret <= 0)
+			return 0;
+		if (args.mmsg)
+			udp_mmsg(&args, id, ret, ts);
+		else
+			udp_datagram(&args, id, ret, args.buf, args.iovcnt, args.name, ts);
+		return 0;
+	}
 	/* A send that fails because the peer is gone is still what the process answered (a
 	 * server logs it as served): report it, size = -errno. EAGAIN etc. are retried later. */
 	dead = args.kind == L7_DATA_OUT && (ret == -EPIPE || ret == -ECONNRESET);
@@ -341,23 +537,11 @@ static __always_inline int on_data_exit(long ret)
 		conn_new(&fresh, (struct sock *)args.sk, L7_ROLE_UNKNOWN);
 		conn = &fresh;
 	}
-	/* A write starts a message when it is called (on loopback the send itself may run the
-	 * receiver first); a read has the message when it returns. */
-	ev = event_start(args.kind, conn, args.fd, ret, id,
-			 args.kind == L7_DATA_OUT ? args.enter_ns : bpf_ktime_get_ns());
+	ev = event_start(args.kind, conn, args.fd, ret, id, ts);
 	if (!ev)
 		return 0;
-	cap = capture_bytes;
-	if (cap > L7_CAPTURE_MAX)
-		cap = L7_CAPTURE_MAX;
-	sent = dead ? (args.iovcnt ? cap : args.len) : (__u64)ret;
-	want = sent < cap ? sent : cap;
-	if (sent > want)
-		count(L7_CNT_TRUNCATED);
-	if (args.iovcnt == 0)
-		got = copy_payload(ev, 0, args.buf, want);
-	else
-		got = copy_iovecs(ev, args.buf, args.iovcnt, want);
+	sent = dead ? (args.iovcnt ? L7_CAPTURE_MAX : args.len) : (__u64)ret;
+	got = copy_message(ev, args.buf, args.iovcnt, sent);
 	event_submit(ev, got);
 	return 0;
 }
@@ -385,7 +569,7 @@ static __always_inline int on_accept_enter(void)
 
 	/* The new fd is known only at exit; stash just to remember the filter passed. */
 	if (traced(id))
-		stash(id, L7_ACCEPT, -1, NULL, 0, 0, 0);
+		stash(id, L7_ACCEPT, -1, NULL, 0, 0, 0, L7_TCP, 0, 0);
 	return 0;
 }
 
@@ -418,12 +602,30 @@ static __always_inline int on_close_enter(int fd)
 	struct sock *sk;
 	__u64 key;
 
+	struct l7_flow_key *flow;
+	__u8 transport = 0;
+
 	if (!traced(id))
 		return 0;
-	sk = tcp_sock_of_fd(fd);
+	sk = inet_sock_of_fd(fd, &transport);
 	if (!sk)
 		return 0;
 	key = (__u64)sk;
+	if (transport == L7_UDP) {
+		/* A UDP socket closes its latest flow (a connected socket's only one). */
+		flow = bpf_map_lookup_elem(&udp_last_flow, &key);
+		if (!flow)
+			return 0;
+		conn = bpf_map_lookup_elem(&udp_flows, flow);
+		if (conn) {
+			ev = event_start(L7_CLOSE, conn, fd, 0, id, bpf_ktime_get_ns());
+			if (ev)
+				event_submit(ev, 0);
+			bpf_map_delete_elem(&udp_flows, flow);
+		}
+		bpf_map_delete_elem(&udp_last_flow, &key);
+		return 0;
+	}
 	conn = bpf_map_lookup_elem(&conns, &key);
 	if (!conn)
 		return 0;	/* never saw data on it: nothing to close downstream */
@@ -439,42 +641,48 @@ static __always_inline int on_close_enter(int fd)
 #define EXIT  struct trace_event_raw_sys_exit
 
 SEC("tp/syscalls/sys_enter_read")
-int enter_read(ENTER *ctx) { return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], 0, 0); }
+int enter_read(ENTER *ctx)
+{ return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], 0, 0, 0, 0); }
 SEC("tp/syscalls/sys_exit_read")
 int exit_read(EXIT *ctx) { return on_data_exit(ctx->ret); }
 
 SEC("tp/syscalls/sys_enter_write")
 int enter_write(ENTER *ctx)
-{ return on_data_enter(L7_DATA_OUT, ctx->args[0], ctx->args[1], 0, ctx->args[2]); }
+{ return on_data_enter(L7_DATA_OUT, ctx->args[0], ctx->args[1], 0, ctx->args[2], 0, 0); }
 SEC("tp/syscalls/sys_exit_write")
 int exit_write(EXIT *ctx) { return on_data_exit(ctx->ret); }
 
 /* readv/writev: args are (fd, iov, iovcnt). */
 SEC("tp/syscalls/sys_enter_readv")
 int enter_readv(ENTER *ctx)
-{ return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], ctx->args[2], 0); }
+{ return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], ctx->args[2], 0, 0, 0); }
 SEC("tp/syscalls/sys_exit_readv")
 int exit_readv(EXIT *ctx) { return on_data_exit(ctx->ret); }
 
 SEC("tp/syscalls/sys_enter_writev")
 int enter_writev(ENTER *ctx)
-{ return on_data_enter(L7_DATA_OUT, ctx->args[0], ctx->args[1], ctx->args[2], 0); }
+{ return on_data_enter(L7_DATA_OUT, ctx->args[0], ctx->args[1], ctx->args[2], 0, 0, 0); }
 SEC("tp/syscalls/sys_exit_writev")
 int exit_writev(EXIT *ctx) { return on_data_exit(ctx->ret); }
 
+/* sendto(fd, buf, len, flags, dest_addr, addrlen): dest_addr names a UDP peer. */
 SEC("tp/syscalls/sys_enter_sendto")
 int enter_sendto(ENTER *ctx)
-{ return on_data_enter(L7_DATA_OUT, ctx->args[0], ctx->args[1], 0, ctx->args[2]); }
+{
+	return on_data_enter(L7_DATA_OUT, ctx->args[0], ctx->args[1], 0, ctx->args[2],
+			     ctx->args[4], 0);
+}
 SEC("tp/syscalls/sys_exit_sendto")
 int exit_sendto(EXIT *ctx) { return on_data_exit(ctx->ret); }
 
-/* recvfrom(fd, buf, len, flags, ...): MSG_PEEK leaves the data queued, it will be read again. */
+/* recvfrom(fd, buf, len, flags, src_addr, addrlen): MSG_PEEK leaves the data queued, it
+ * will be read again; src_addr is filled with a UDP peer by the time the syscall returns. */
 SEC("tp/syscalls/sys_enter_recvfrom")
 int enter_recvfrom(ENTER *ctx)
 {
 	if (ctx->args[3] & MSG_PEEK)
 		return 0;
-	return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], 0, 0);
+	return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], 0, 0, ctx->args[4], 0);
 }
 SEC("tp/syscalls/sys_exit_recvfrom")
 int exit_recvfrom(EXIT *ctx) { return on_data_exit(ctx->ret); }
@@ -496,7 +704,8 @@ SEC("tp/syscalls/sys_exit_recvmsg")
 int exit_recvmsg(EXIT *ctx) { return on_data_exit(ctx->ret); }
 
 SEC("tp/syscalls/sys_enter_connect")
-int enter_connect(ENTER *ctx) { return on_data_enter(L7_CONNECT, ctx->args[0], 0, 0, 0); }
+int enter_connect(ENTER *ctx)
+{ return on_data_enter(L7_CONNECT, ctx->args[0], 0, 0, 0, 0, 0); }
 SEC("tp/syscalls/sys_exit_connect")
 int exit_connect(EXIT *ctx) { return on_connect_exit(ctx->ret); }
 
@@ -512,3 +721,21 @@ int exit_accept4(EXIT *ctx) { return on_accept_exit(ctx->ret); }
 
 SEC("tp/syscalls/sys_enter_close")
 int enter_close(ENTER *ctx) { return on_close_enter(ctx->args[0]); }
+
+/* sendmmsg(fd, vec, vlen, flags) / recvmmsg(fd, vec, vlen, flags, timeout): UDP only (the
+ * glibc resolver sends its A and AAAA queries with one sendmmsg). */
+SEC("tp/syscalls/sys_enter_sendmmsg")
+int enter_sendmmsg(ENTER *ctx)
+{ return on_data_enter(L7_DATA_OUT, ctx->args[0], ctx->args[1], ctx->args[2], 0, 0, 1); }
+SEC("tp/syscalls/sys_exit_sendmmsg")
+int exit_sendmmsg(EXIT *ctx) { return on_data_exit(ctx->ret); }
+
+SEC("tp/syscalls/sys_enter_recvmmsg")
+int enter_recvmmsg(ENTER *ctx)
+{
+	if (ctx->args[3] & MSG_PEEK)
+		return 0;
+	return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], ctx->args[2], 0, 0, 1);
+}
+SEC("tp/syscalls/sys_exit_recvmmsg")
+int exit_recvmmsg(EXIT *ctx) { return on_data_exit(ctx->ret); }

@@ -7,6 +7,8 @@
 #define L7_CAPTURE_MAX     8192	/* capture_bytes is clamped to this (per-CPU scratch ≤ 32 KiB) */
 #define L7_MAX_IOVECS      8		/* iovecs walked per readv/writev/sendmsg/recvmsg */
 #define L7_MAX_CONNECTIONS 65536	/* LRU: sock -> connection identity */
+#define L7_MAX_UDP_FLOWS   16384	/* LRU: (UDP sock, peer) -> flow identity */
+#define L7_MAX_MMSG        4		/* datagrams reported per sendmmsg/recvmmsg */
 #define L7_MAX_INFLIGHT    16384	/* threads inside a traced syscall at once */
 #define L7_MAX_EXCLUDED    1024		/* tgids the user side excludes */
 #define L7_RINGBUF_BYTES   (16 << 20)	/* default; the loader may resize before load */
@@ -21,6 +23,12 @@ enum l7_kind {
 	L7_CLOSE    = 5,	/* close() of a connection seen before */
 };
 
+/* IPPROTO_* values (tested): UDP flows are (socket, peer) pairs, reported for DNS only. */
+enum l7_transport {
+	L7_TCP = 6,
+	L7_UDP = 17,
+};
+
 enum l7_role {
 	L7_ROLE_UNKNOWN = 0,	/* connection was open before the probe started */
 	L7_ROLE_CLIENT  = 1,
@@ -32,10 +40,12 @@ enum l7_counter {
 	L7_CNT_RINGBUF_DROPS,		/* ring buffer full: event lost */
 	L7_CNT_TRUNCATED,		/* payload longer than capture_bytes */
 	L7_CNT_SKIPPED_NOT_SOCKET,	/* fd is a file, pipe, ... */
-	L7_CNT_SKIPPED_NOT_TCP,		/* socket is AF_UNIX, UDP, ... */
+	L7_CNT_SKIPPED_NOT_INET,	/* socket is AF_UNIX, raw, ...: not TCP or UDP over IP */
 	L7_CNT_INFLIGHT_FULL,		/* per-thread stash full: syscall not traced */
 	L7_CNT_CONN_TABLE_FULL,		/* connection identity not stored */
 	L7_CNT_PAYLOAD_READ_FAILED,	/* bpf_probe_read_user failed: cap_len shorter */
+	L7_CNT_SKIPPED_UDP_NOT_DNS,	/* UDP datagram without a DNS header: not sent */
+	L7_CNT_FLOW_TABLE_FULL,		/* UDP flow identity not stored */
 	L7_CNT__MAX,
 };
 
@@ -43,7 +53,7 @@ struct l7_event {
 	__u8  kind;		/* enum l7_kind */
 	__u8  role;		/* enum l7_role */
 	__u8  family;		/* AF_INET or AF_INET6 */
-	__u8  _pad0;
+	__u8  transport;	/* enum l7_transport */
 	__u16 lport;		/* host order */
 	__u16 rport;		/* host order */
 	__u32 tgid;

@@ -1,4 +1,4 @@
-"""User side of bpf/l7.bpf.c: load, attach, drain TCP connection and payload events.
+"""User side of bpf/l7.bpf.c: load, attach, drain TCP connection, DNS-over-UDP and payload events.
 
 Lifecycle, a straight line::
 
@@ -40,6 +40,7 @@ __all__ = [
     "L7Kind",
     "L7Probe",
     "L7Role",
+    "L7Transport",
     "RawEvent",
     "L7_ACCEPT",
     "L7_CLOSE",
@@ -49,6 +50,8 @@ __all__ = [
     "L7_ROLE_CLIENT",
     "L7_ROLE_SERVER",
     "L7_ROLE_UNKNOWN",
+    "L7_TCP",
+    "L7_UDP",
 ]
 
 CAPTURE_MAX = 8192  # L7_CAPTURE_MAX in l7.h (tested)
@@ -64,6 +67,17 @@ class L7Kind(IntEnum):
     DATA_OUT = 3
     DATA_IN = 4
     CLOSE = 5
+
+
+class L7Transport(IntEnum):
+    """enum l7_transport (IPPROTO_* numbers)."""
+
+    TCP = 6
+    UDP = 17
+
+
+L7_TCP, L7_UDP = int(L7Transport.TCP), int(L7Transport.UDP)
+TRANSPORT_NAMES = {int(t): t.name.lower() for t in L7Transport}
 
 
 class L7Role(IntEnum):
@@ -83,10 +97,12 @@ COUNTER_NAMES = (
     "ringbuf_drops",
     "truncated",
     "skipped_not_socket",
-    "skipped_not_tcp",
+    "skipped_not_inet",
     "inflight_full",
     "conn_table_full",
     "payload_read_failed",
+    "skipped_udp_not_dns",
+    "flow_table_full",
 )
 
 
@@ -97,7 +113,7 @@ class L7EventHeader(ctypes.Structure):
         ("kind", ctypes.c_uint8),
         ("role", ctypes.c_uint8),
         ("family", ctypes.c_uint8),
-        ("_pad0", ctypes.c_uint8),
+        ("transport", ctypes.c_uint8),
         ("lport", ctypes.c_uint16),
         ("rport", ctypes.c_uint16),
         ("tgid", ctypes.c_uint32),
@@ -154,7 +170,7 @@ HEADER = struct.Struct(struct_format(L7EventHeader))
 # What the drain hands over per record: u32 record length, then the header, decoded with the
 # pads and fd skipped and laddr + raddr + comm as one 48-byte field.
 _RECORD = struct.Struct("<I" + struct_format(
-    L7EventHeader, skip=frozenset({"_pad0", "_pad1", "fd"}), join=("laddr", "raddr", "comm")
+    L7EventHeader, skip=frozenset({"_pad1", "fd"}), join=("laddr", "raddr", "comm")
 )[1:])
 _NAMES_CACHE_MAX = 8192  # distinct (laddr, raddr, comm) combinations kept decoded
 
@@ -168,6 +184,7 @@ class RawEvent(NamedTuple):
     tgid: int
     comm: str
     family: int  # socket.AF_INET or AF_INET6
+    transport: int  # L7Transport
     laddr: str
     lport: int
     raddr: str
@@ -195,13 +212,14 @@ def decode_records(view: memoryview | bytes, used: int, out: list[RawEvent],
     data = bytes(view[:used])
     off = 0
     while off < used:
-        (length, kind, role, family, lport, rport, tgid, conn_id, ts_ns, size, cap_len,
+        (length, kind, role, family, transport, lport, rport, tgid, conn_id, ts_ns, size, cap_len,
          raw) = unpack(data, off)
         decoded = names.get(raw)
         if decoded is None:
             decoded = names[raw] = _decode_names(family, raw)
         start = off + rec_size
-        append(new(RawEvent, (kind, conn_id, role, tgid, decoded[2], family, decoded[0], lport,
+        append(new(RawEvent, (kind, conn_id, role, tgid, decoded[2], family, transport,
+                              decoded[0], lport,
                               decoded[1], rport, ts_ns, size, data[start:start + cap_len])))
         off += 4 + length
 
@@ -226,9 +244,11 @@ class ConnectionBatch:
         self.nbytes += len(run)
 
 
-def _meta(conn_id: int, role: int, family: int, lport: int, rport: int, tgid: int,
-          decoded: tuple[str, str, str]) -> dict[str, Any]:
+def connection_meta(conn_id: int, role: int, family: int, transport: int, lport: int, rport: int,
+          tgid: int, decoded: tuple[str, str, str]) -> dict[str, Any]:
+    """A connection's identity as raw.v1 carries it once per batch."""
     return {"id": conn_id, "tgid": tgid, "comm": decoded[2], "role": role, "family": family,
+            "transport": TRANSPORT_NAMES.get(transport, str(transport)),
             "laddr": decoded[0], "lport": lport, "raddr": decoded[1], "rport": rport}
 
 
@@ -247,7 +267,7 @@ def decode_grouped(view: memoryview | bytes, used: int, offset_ns: int,
     data = bytes(view[:used])
     off = count = 0
     while off < used:
-        (length, kind, role, family, lport, rport, tgid, conn_id, ts_ns, size, cap_len,
+        (length, kind, role, family, transport, lport, rport, tgid, conn_id, ts_ns, size, cap_len,
          raw) = unpack(data, off)
         start = off + rec_size
         off += 4 + length
@@ -258,7 +278,7 @@ def decode_grouped(view: memoryview | bytes, used: int, offset_ns: int,
             if batch is not None:
                 sealed.append(batch)
             batch = open_batches[conn_id] = ConnectionBatch(
-                conn_id, _meta(conn_id, role, family, lport, rport, tgid,
+                conn_id, connection_meta(conn_id, role, family, transport, lport, rport, tgid,
                                _names(names, family, raw)))
         batch.add_encoded(run, 1)
     return count
@@ -289,10 +309,10 @@ def group_runs(view: memoryview, groups: Any, ngroups: int, data: memoryview,
                 or batch.nbytes + length > max_bytes):
             if batch is not None:
                 sealed.append(batch)
-            (_len, _kind, role, family, lport, rport, tgid, _cid, _ts, _size, _cap,
+            (_len, _kind, role, family, transport, lport, rport, tgid, _cid, _ts, _size, _cap,
              raw) = unpack(view, g.first)
             batch = open_batches[conn_id] = ConnectionBatch(
-                conn_id, _meta(conn_id, role, family, lport, rport, tgid,
+                conn_id, connection_meta(conn_id, role, family, transport, lport, rport, tgid,
                                _names(names, family, bytes(raw))))
         batch.add_encoded(bytes(data[start:start + length]), nevents)
     return count

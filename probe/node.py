@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 _LISTEN = "0A"
+_UDP_UNCONNECTED = "07"  # TCP_CLOSE: how /proc/net/udp shows a socket without a peer
 
 
 class Listener(NamedTuple):
@@ -34,19 +35,38 @@ def _decode_addr(hexaddr: str) -> str:
     return str(addr)
 
 
+def _ephemeral_ports(proc: Path) -> range:
+    try:
+        low, high = (proc / "sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
 def _listening_inodes(proc: Path) -> dict[int, tuple[str, int]]:
+    """Inodes of TCP sockets in LISTEN, and of UDP sockets bound to a fixed port with no
+    peer (a DNS server's; unconnected clients use ephemeral ports, which are left out)."""
     inodes: dict[int, tuple[str, int]] = {}
-    for name in ("tcp", "tcp6"):
+    ephemeral = _ephemeral_ports(proc)
+    for name in ("tcp", "tcp6", "udp", "udp6"):
+        udp = name.startswith("udp")
         try:
             lines = (proc / "net" / name).read_text().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) < 10 or fields[3] != _LISTEN:
+            if len(fields) < 10:
                 continue
             addr_hex, port_hex = fields[1].split(":")
-            inodes[int(fields[9])] = (_decode_addr(addr_hex), int(port_hex, 16))
+            port = int(port_hex, 16)
+            if udp:
+                if fields[3] != _UDP_UNCONNECTED or not fields[2].endswith(":0000") or (
+                        port in ephemeral):
+                    continue
+            elif fields[3] != _LISTEN:
+                continue
+            inodes[int(fields[9])] = (_decode_addr(addr_hex), port)
     return inodes
 
 
@@ -79,7 +99,8 @@ def _comm(proc: Path, tgid: int) -> str:
 
 
 def listeners(proc: Path = Path("/proc")) -> list[Listener]:
-    """Every listening TCP socket of this network namespace with its owning process."""
+    """Every listening TCP socket and bound UDP server socket of this network namespace, with
+    its owning process."""
     inodes = _listening_inodes(proc)
     found: dict[tuple[str, int], Listener] = {}
     for inode, tgid in _socket_owners(proc, set(inodes)):

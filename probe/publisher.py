@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import msgpack
 from confluent_kafka import KafkaError, Message, Producer
 
-from .l7 import ConnectionBatch
+from .l7 import ConnectionBatch, connection_meta
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class EventLike(Protocol):
     tgid: int
     comm: str
     family: int
+    transport: int
     laddr: str
     lport: int
     raddr: str
@@ -116,10 +117,9 @@ class Publisher:
                     or batch.nbytes + len(run) > self.batch_max_bytes):
                 if batch is not None:
                     self.sealed.append(batch)
-                batch = self.open[ev.conn_id] = ConnectionBatch(ev.conn_id, {
-                    "id": ev.conn_id, "tgid": ev.tgid, "comm": ev.comm, "role": ev.role,
-                    "family": ev.family, "laddr": ev.laddr, "lport": ev.lport,
-                    "raddr": ev.raddr, "rport": ev.rport})
+                batch = self.open[ev.conn_id] = ConnectionBatch(ev.conn_id, connection_meta(
+                    ev.conn_id, ev.role, ev.family, ev.transport, ev.lport, ev.rport, ev.tgid,
+                    (ev.laddr, ev.raddr, ev.comm)))
             batch.add_encoded(run, 1)
         self.count_in(n)
 

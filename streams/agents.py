@@ -107,8 +107,9 @@ async def reassemble(stream: Any) -> None:
         await _send_deferred_and_partials()
 
 
-async def _send_deferred_and_partials() -> None:
-    for conn_key, record in reassembler.release_deferred():
+async def _send_deferred_and_partials(expire: bool = False) -> None:
+    late = reassembler.expire_requests(time.time_ns()) if expire else []
+    for conn_key, record in [*late, *reassembler.release_deferred()]:
         await requests_topic.send(key=conn_key.encode(), value=msgpack.packb(
             {"v": 1, "node": config.node_name, "conn": conn_key, "requests": [record]}))
     for skey, partials in reassembler.take_partials():
@@ -179,7 +180,7 @@ async def golden(stream: Any) -> None:
 @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
 async def tick() -> None:
     """Let every series partition close its due windows, even when no traffic flows."""
-    await _send_deferred_and_partials()  # also when no raw batch arrives
+    await _send_deferred_and_partials(expire=True)  # also when no raw batch arrives
     for partition in range(config.kafka.partitions):
         await series_topic.send(key=TICK, value=b"", partition=partition)
 

@@ -41,6 +41,9 @@ class ProtocolConnection(Protocol):
 
     def flush(self, ts_ns: int) -> list[Request]: ...
 
+    # Optional: ``expire(now_ns) -> list[Request]`` for protocols with deadlines (DNS); the
+    # worker calls it about once a second with the wall clock.
+
 
 @dataclasses.dataclass(frozen=True)
 class ParserOptions:
@@ -63,9 +66,15 @@ def _http1() -> Parser:
     return Parser("http", http1.detect, lambda role, _opts: http1.Http1Connection(role))
 
 
+def _redis() -> Parser:
+    from . import redis
+
+    return Parser("redis", redis.detect, lambda role, _opts: redis.RedisConnection(role))
+
+
 def _registry() -> list[Parser]:
     """The parsers in detection order (see the module docstring for why this order)."""
-    return [_http1()]
+    return [_http1(), _redis()]
 
 
 PARSERS: list[Parser] = _registry()
@@ -106,6 +115,12 @@ class Sniffer:
 
     def flush(self, ts_ns: int) -> list[Request]:
         return self.parser.flush(ts_ns) if self.parser is not None else []
+
+    def expire(self, now_ns: int) -> list[Request]:
+        """Requests that will never be answered (a parser's optional ``expire(now_ns)``, e.g.
+        DNS queries past their deadline, reported as timeouts)."""
+        expire = getattr(self.parser, "expire", None)
+        return expire(now_ns) if expire is not None else []
 
     def parser_counters(self) -> dict[str, int]:
         """Counters prefixed by protocol: ``http_unparsed_bytes``, ``unidentified_bytes``."""

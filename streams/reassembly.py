@@ -31,6 +31,7 @@ ROLE_NAMES = {0: "unknown", 1: "client", 2: "server"}
 LOOPBACK = ("127.0.0.1", "::1")
 WILDCARD = ("0.0.0.0", "::")
 IDLE_CONNECTION_S = 600.0
+IDLE_UDP_FLOW_S = 60.0  # a server's UDP flows are never closed by the kernel: forget sooner
 MAX_PEERS = 200_000
 DEFER_S = 3.0  # how long a same-node call waits for its peer's name
 
@@ -54,6 +55,7 @@ class _Connection:
     rport: int
     parser: Sniffer
     last_seen: float
+    transport: str = "tcp"
 
 
 class WindowPartial:
@@ -180,7 +182,7 @@ class Reassembler:
                 key=key, node=node, tgid=int(meta["tgid"]), comm=str(meta["comm"]),
                 laddr=str(meta["laddr"]), lport=int(meta["lport"]), raddr=str(meta["raddr"]),
                 rport=int(meta["rport"]), parser=Sniffer(role, self.options),
-                last_seen=self._clock())
+                last_seen=self._clock(), transport=str(meta.get("transport", "tcp")))
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedBatch(f"bad conn metadata: {exc}") from exc
         self.connections[key] = conn
@@ -204,8 +206,10 @@ class Reassembler:
 
     def expire_idle(self, max_idle_s: float = IDLE_CONNECTION_S) -> list[dict[str, Any]]:
         """Forget connections silent for too long (their close was never seen)."""
-        cutoff = self._clock() - max_idle_s
-        stale = [c for c in self.connections.values() if c.last_seen < cutoff]
+        now = self._clock()
+        cutoff, udp_cutoff = now - max_idle_s, now - min(max_idle_s, IDLE_UDP_FLOW_S)
+        stale = [c for c in self.connections.values()
+                 if c.last_seen < (udp_cutoff if c.transport == "udp" else cutoff)]
         out: list[dict[str, Any]] = []
         for conn in stale:
             out += [rec for r in conn.parser.flush(time.time_ns())
@@ -241,6 +245,16 @@ class Reassembler:
             self.counters["records_deferred"] += 1
             return None
         return self._build(conn, req, *names)
+
+    def expire_requests(self, now_ns: int) -> list[tuple[str, dict[str, Any]]]:
+        """(connection key, record) of requests past their protocol's deadline (timeouts)."""
+        out = []
+        for conn in list(self.connections.values()):
+            for req in conn.parser.expire(now_ns):
+                record = self._record(conn, req)
+                if record is not None:
+                    out.append((conn.key, record))
+        return out
 
     def release_deferred(self) -> list[tuple[str, dict[str, Any]]]:
         """(connection key, record) of deferred records whose peer is now known or whose wait

@@ -7,6 +7,7 @@ import json
 import socket
 import struct
 import subprocess
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,10 @@ def test_struct_decoder_matches_ctypes_layout() -> None:
 @pytest.mark.parametrize(("enum_name", "prefix", "py_enum"), [
     ("l7_kind", "L7_", l7.L7Kind),
     ("l7_role", "L7_ROLE_", l7.L7Role),
+    ("l7_transport", "L7_", l7.L7Transport),
 ])
 def test_enums_match_btf(btf: dict[str, dict[str, Any]], enum_name: str, prefix: str,
-                         py_enum: type[l7.L7Kind] | type[l7.L7Role]) -> None:
+                         py_enum: type[IntEnum]) -> None:
     c_values = {v["name"]: v["val"] for v in btf[enum_name]["values"]}
     assert c_values == {prefix + member.name: int(member) for member in py_enum}
     for c_name, val in c_values.items():
@@ -85,8 +87,9 @@ def test_decoder_reads_what_the_kernel_layout_writes(family: int, laddr: str, ra
     records = b""
     for conn_id, payload in ((7, b"GET / HTTP/1.1\r\n"), (8, b"")):
         hdr = l7.L7EventHeader(kind=l7.L7_DATA_OUT, role=l7.L7_ROLE_CLIENT, family=family,
-                               lport=40000, rport=80, tgid=4242, fd=5, conn_id=conn_id,
-                               ts_ns=123, size=1000, cap_len=len(payload), comm=b"curl")
+                               transport=l7.L7_TCP, lport=40000, rport=80, tgid=4242, fd=5,
+                               conn_id=conn_id, ts_ns=123, size=1000, cap_len=len(payload),
+                               comm=b"curl")
         packed = socket.inet_pton(family, laddr)
         ctypes.memmove(hdr.laddr, packed, len(packed))
         packed = socket.inet_pton(family, raddr)
@@ -96,7 +99,11 @@ def test_decoder_reads_what_the_kernel_layout_writes(family: int, laddr: str, ra
     out: list[l7.RawEvent] = []
     l7.decode_records(memoryview(records), len(records), out, {})
     assert out == [
-        l7.RawEvent(l7.L7_DATA_OUT, conn_id, l7.L7_ROLE_CLIENT, 4242, "curl", family, laddr,
-                    40000, raddr, 80, 123, 1000, payload)
+        l7.RawEvent(l7.L7_DATA_OUT, conn_id, l7.L7_ROLE_CLIENT, 4242, "curl", family,
+                    l7.L7_TCP, laddr, 40000, raddr, 80, 123, 1000, payload)
         for conn_id, payload in ((7, b"GET / HTTP/1.1\r\n"), (8, b""))
     ]
+
+
+def test_transport_numbers_are_ipproto() -> None:
+    assert (l7.L7Transport.TCP, l7.L7Transport.UDP) == (socket.IPPROTO_TCP, socket.IPPROTO_UDP)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.kafka
 
 
 def event(conn_id: int, seq: int, payload: bytes, kind: int = 3) -> RawEvent:
-    return RawEvent(kind, conn_id, 1, 4242, "client", 2, "127.0.0.1", 40000 + conn_id,
+    return RawEvent(kind, conn_id, 1, 4242, "client", 2, 6, "127.0.0.1", 40000 + conn_id,
                     "127.0.0.1", 80, 1_000_000 + seq, len(payload) + 10, payload)
 
 
