@@ -125,6 +125,8 @@ struct ks_group {
 	uint32_t nevents;
 	uint32_t data_off;	/* this group's encoded events in `data` */
 	uint32_t data_len;
+	uint32_t flags;		/* l7_event.flags of the group's events, or-ed (TLS) */
+	uint32_t _pad;
 };
 
 #define KS_SLOTS 8192		/* open-addressing table: conn_id -> open group */
@@ -205,10 +207,13 @@ long ks_group(const uint8_t *in, size_t used, int64_t offset_ns, uint32_t max_ev
 			g->first = (uint32_t)off;
 			g->nevents = 0;
 			g->data_len = 0;
+			g->flags = 0;
+			g->_pad = 0;
 			slot_group[h] = (int32_t)ngroups++;
 			slot_key[h] = ev->conn_id;
 		}
 		g->nevents++;
+		g->flags |= ev->flags;
 		g->data_len += (uint32_t)len;
 		rec_group[i] = (uint32_t)(g - groups);
 		off += 4 + *(const uint32_t *)(in + off);

@@ -9,11 +9,18 @@
  * UDP has no connections: each (socket, peer address) pair is a flow with an identity of its
  * own, and only datagrams that start with a DNS header are sent (DNS is the one UDP protocol
  * parsed). A flow's role is client if its first datagram seen went out, server otherwise.
+ *
+ * TLS: uprobes on the TLS library's SSL_read/SSL_write (and _ex forms) send the plaintext,
+ * flagged L7_FLAG_TLS, on the connection of the socket the call used. That socket is learnt
+ * from the syscall the library makes inside the call (and remembered per SSL object for calls
+ * served from its buffer). Ciphertext is never sent: syscall data inside a TLS call, and any
+ * data of a connection whose first bytes were a TLS record, are counted and dropped.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_tracing.h>
 #include "l7.h"
 
 /* Not in vmlinux.h: these are macros in the kernel. */
@@ -57,9 +64,22 @@ struct l7_conn {
 	__u16 rport;
 	__u8  family;
 	__u8  transport;
-	__u8  _pad[6];
+	__u8  tls;		/* TLS connection: its syscall data is ciphertext */
+	__u8  seen;		/* data seen (the first bytes decide tls) */
+	__u8  _pad[4];
 	__u8  laddr[L7_ADDR_LEN];
 	__u8  raddr[L7_ADDR_LEN];
+};
+
+/* A thread inside SSL_read/SSL_write. */
+struct l7_tls_call {
+	__u64 ssl;
+	__u64 buf;
+	__u64 nbytes;		/* _ex forms: size_t * the byte count is returned in, else 0 */
+	__u64 sk;		/* learnt from the syscall made inside the call, or 0 */
+	__u64 enter_ns;
+	enum l7_kind kind;
+	__u32 _pad;
 };
 
 /* A UDP flow: one socket and one peer. */
@@ -125,6 +145,29 @@ struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, L7_MAX_INFLIGHT);
+	__type(key, __u64);			/* pid_tgid */
+	__type(value, struct l7_tls_call);
+} tls_calls SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, L7_MAX_CONNECTIONS);
+	__type(key, __u64);			/* SSL * */
+	__type(value, __u64);			/* struct sock * */
+} tls_sockets SEC(".maps");
+
+/* Set to 1 by the user side once a TLS library is probed: until then, syscalls skip the
+ * tls_calls lookup (an array lookup is inlined, a hash lookup is not). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} tls_enabled SEC(".maps");
+
 /* Events are too big for the 512-byte stack: build them here. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -139,6 +182,7 @@ struct l7_btf_anchor {
 	enum l7_role role;
 	enum l7_counter counter;
 	enum l7_transport transport;
+	enum l7_flag flag;
 	struct l7_event *event;
 } l7_btf_anchor __attribute__((unused));
 
@@ -282,7 +326,7 @@ static __always_inline struct l7_event *event_start(enum l7_kind kind, const str
 	ev->ts_ns = ts_ns;
 	ev->size = size;
 	ev->cap_len = 0;
-	ev->_pad1 = 0;
+	ev->flags = 0;
 	__builtin_memcpy(ev->laddr, conn->laddr, L7_ADDR_LEN);
 	__builtin_memcpy(ev->raddr, conn->raddr, L7_ADDR_LEN);
 	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
@@ -339,6 +383,45 @@ static __always_inline __u64 copy_iovecs(struct l7_event *ev, __u64 iovp, __u32 
 	return off;
 }
 
+/* A TLS record header where a connection's data starts: a ClientHello/ServerHello, or
+ * application data on a connection that was open before the probe started. */
+static __always_inline bool looks_like_tls(const struct l7_event *ev, __u64 got, __u8 role)
+{
+	const __u8 *p = ev->payload;
+	__u16 len;
+
+	if (got < 6 || p[1] != 3 || p[2] > 4)
+		return false;
+	len = (__u16)p[3] << 8 | p[4];
+	if (len == 0 || len > 18432)
+		return false;
+	if (p[0] == 0x16)
+		return p[5] == 1 || p[5] == 2;
+	return p[0] == 0x17 && role == L7_ROLE_UNKNOWN;
+}
+
+/* Syscall data inside SSL_read/SSL_write: ciphertext. Tell the call which socket it uses and
+ * mark the connection TLS; the uprobe at return sends the plaintext instead. */
+static __always_inline bool inside_tls_call(__u64 id, struct sock *sk)
+{
+	__u32 zero = 0, *on = bpf_map_lookup_elem(&tls_enabled, &zero);
+	struct l7_tls_call *call;
+	struct l7_conn *conn;
+	__u64 key = (__u64)sk;
+
+	if (!on || !*on)
+		return false;
+	call = bpf_map_lookup_elem(&tls_calls, &id);
+	if (!call)
+		return false;
+	call->sk = key;
+	conn = bpf_map_lookup_elem(&conns, &key);
+	if (conn)
+		conn->tls = 1;
+	count(L7_CNT_TLS_CIPHERTEXT);
+	return true;
+}
+
 static __always_inline int on_data_enter(enum l7_kind kind, int fd, __u64 buf, __u32 iovcnt,
 					 __u64 len, __u64 name, __u8 mmsg)
 {
@@ -352,6 +435,8 @@ static __always_inline int on_data_enter(enum l7_kind kind, int fd, __u64 buf, _
 	if (!sk || (kind == L7_CONNECT && transport != L7_TCP))
 		return 0;	/* a UDP connect() only sets the default peer: no connection */
 	if (mmsg && transport != L7_UDP)
+		return 0;
+	if (transport == L7_TCP && kind != L7_CONNECT && inside_tls_call(id, sk))
 		return 0;
 	stash(id, kind, fd, sk, buf, iovcnt, len, transport, name, mmsg);
 	return 0;
@@ -535,16 +620,123 @@ static __always_inline int on_data_exit(long ret)
 	if (!conn) {
 		/* Open before the probe started: role unknown, identity from now on. */
 		conn_new(&fresh, (struct sock *)args.sk, L7_ROLE_UNKNOWN);
-		conn = &fresh;
+		conn = bpf_map_lookup_elem(&conns, &args.sk);
+		if (!conn)
+			return 0;	/* not stored (counted): its tls/seen state would be lost */
+	}
+	if (conn->tls) {
+		count(L7_CNT_TLS_CIPHERTEXT);
+		return 0;
 	}
 	ev = event_start(args.kind, conn, args.fd, ret, id, ts);
 	if (!ev)
 		return 0;
 	sent = dead ? (args.iovcnt ? L7_CAPTURE_MAX : args.len) : (__u64)ret;
 	got = copy_message(ev, args.buf, args.iovcnt, sent);
+	if (!conn->seen) {
+		conn->seen = 1;
+		if (looks_like_tls(ev, got, conn->role)) {
+			conn->tls = 1;	/* the handshake, and everything after it, is ciphertext */
+			count(L7_CNT_TLS_CIPHERTEXT);
+			return 0;
+		}
+	}
 	event_submit(ev, got);
 	return 0;
 }
+
+/* --- TLS library (uprobes) -------------------------------------------------------------- */
+
+static __always_inline int tls_enter(enum l7_kind kind, __u64 ssl, __u64 buf, __u64 nbytes)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct l7_tls_call call = {
+		.ssl = ssl, .buf = buf, .nbytes = nbytes, .kind = kind,
+		.enter_ns = bpf_ktime_get_ns(),
+	};
+	__u64 *sk;
+
+	if (!traced(id))
+		return 0;
+	sk = bpf_map_lookup_elem(&tls_sockets, &ssl);
+	if (sk)
+		call.sk = *sk;
+	if (bpf_map_update_elem(&tls_calls, &id, &call, BPF_ANY))
+		count(L7_CNT_INFLIGHT_FULL);
+	return 0;
+}
+
+/* ret: bytes moved (SSL_read/SSL_write) or 1/0 (_ex forms, count in *nbytes). */
+static __always_inline int tls_exit(long ret, bool ex)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct l7_conn fresh = {}, *conn;
+	struct l7_tls_call call, *found;
+	struct l7_event *ev;
+	__u64 moved = 0, got;
+
+	found = bpf_map_lookup_elem(&tls_calls, &id);
+	if (!found)
+		return 0;
+	call = *found;
+	bpf_map_delete_elem(&tls_calls, &id);
+	if (call.sk)
+		bpf_map_update_elem(&tls_sockets, &call.ssl, &call.sk, BPF_ANY);
+	if (ex) {
+		if (ret != 1 || !call.nbytes ||
+		    bpf_probe_read_user(&moved, sizeof(moved), (const void *)call.nbytes))
+			return 0;
+	} else if (ret > 0) {
+		moved = ret;
+	}
+	if (!moved)
+		return 0;	/* WANT_READ/WANT_WRITE or an error: nothing moved */
+	if (!call.sk) {
+		count(L7_CNT_TLS_NO_SOCKET);
+		return 0;
+	}
+	conn = bpf_map_lookup_elem(&conns, &call.sk);
+	if (conn) {
+		conn->tls = 1;
+		fresh = *conn;
+	} else {
+		conn_new(&fresh, (struct sock *)call.sk, L7_ROLE_UNKNOWN);
+	}
+	ev = event_start(call.kind, &fresh, -1, moved, id,
+			 call.kind == L7_DATA_OUT ? call.enter_ns : bpf_ktime_get_ns());
+	if (!ev)
+		return 0;
+	ev->flags = L7_FLAG_TLS;
+	got = copy_message(ev, call.buf, 0, moved);
+	event_submit(ev, got);
+	return 0;
+}
+
+/* int SSL_write(SSL *ssl, const void *buf, int num); int SSL_read(SSL *, void *, int);
+ * int SSL_write_ex(SSL *, const void *, size_t num, size_t *written); SSL_read_ex alike. */
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_enter, void *ssl, void *buf)
+{ return tls_enter(L7_DATA_OUT, (__u64)ssl, (__u64)buf, 0); }
+SEC("uretprobe")
+int BPF_KRETPROBE(ssl_write_exit, int ret) { return tls_exit(ret, false); }
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_read_enter, void *ssl, void *buf)
+{ return tls_enter(L7_DATA_IN, (__u64)ssl, (__u64)buf, 0); }
+SEC("uretprobe")
+int BPF_KRETPROBE(ssl_read_exit, int ret) { return tls_exit(ret, false); }
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_ex_enter, void *ssl, void *buf, __u64 num, void *written)
+{ return tls_enter(L7_DATA_OUT, (__u64)ssl, (__u64)buf, (__u64)written); }
+SEC("uretprobe")
+int BPF_KRETPROBE(ssl_write_ex_exit, int ret) { return tls_exit(ret, true); }
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_read_ex_enter, void *ssl, void *buf, __u64 num, void *readbytes)
+{ return tls_enter(L7_DATA_IN, (__u64)ssl, (__u64)buf, (__u64)readbytes); }
+SEC("uretprobe")
+int BPF_KRETPROBE(ssl_read_ex_exit, int ret) { return tls_exit(ret, true); }
 
 static __always_inline int on_connect_exit(long ret)
 {

@@ -29,6 +29,11 @@ enum l7_transport {
 	L7_UDP = 17,
 };
 
+/* Bits of l7_event.flags. */
+enum l7_flag {
+	L7_FLAG_TLS = 1,	/* plaintext from the TLS library (uprobes), not from a syscall */
+};
+
 enum l7_role {
 	L7_ROLE_UNKNOWN = 0,	/* connection was open before the probe started */
 	L7_ROLE_CLIENT  = 1,
@@ -46,6 +51,8 @@ enum l7_counter {
 	L7_CNT_PAYLOAD_READ_FAILED,	/* bpf_probe_read_user failed: cap_len shorter */
 	L7_CNT_SKIPPED_UDP_NOT_DNS,	/* UDP datagram without a DNS header: not sent */
 	L7_CNT_FLOW_TABLE_FULL,		/* UDP flow identity not stored */
+	L7_CNT_TLS_CIPHERTEXT,		/* syscall data of a TLS connection: not sent */
+	L7_CNT_TLS_NO_SOCKET,		/* TLS call whose socket was never seen: not sent */
 	L7_CNT__MAX,
 };
 
@@ -62,7 +69,7 @@ struct l7_event {
 	__u64 ts_ns;		/* CLOCK_MONOTONIC; data out: syscall entry, others: exit */
 	__s64 size;		/* syscall return: bytes transferred (-EPIPE/-ECONNRESET: send failed) */
 	__u32 cap_len;		/* bytes of payload[] that follow the header */
-	__u32 _pad1;
+	__u32 flags;		/* enum l7_flag bits */
 	__u8  laddr[L7_ADDR_LEN];	/* IPv4 in the first 4 bytes, or IPv6 */
 	__u8  raddr[L7_ADDR_LEN];
 	char  comm[L7_COMM_LEN];

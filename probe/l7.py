@@ -39,12 +39,14 @@ __all__ = [
     "L7EventHeader",
     "L7Kind",
     "L7Probe",
+    "L7Flag",
     "L7Role",
     "L7Transport",
     "RawEvent",
     "L7_ACCEPT",
     "L7_CLOSE",
     "L7_CONNECT",
+    "L7_FLAG_TLS",
     "L7_DATA_IN",
     "L7_DATA_OUT",
     "L7_ROLE_CLIENT",
@@ -77,6 +79,15 @@ class L7Transport(IntEnum):
 
 
 L7_TCP, L7_UDP = int(L7Transport.TCP), int(L7Transport.UDP)
+
+
+class L7Flag(IntEnum):
+    """enum l7_flag (bits of l7_event.flags)."""
+
+    TLS = 1
+
+
+L7_FLAG_TLS = int(L7Flag.TLS)
 TRANSPORT_NAMES = {int(t): t.name.lower() for t in L7Transport}
 
 
@@ -103,6 +114,8 @@ COUNTER_NAMES = (
     "payload_read_failed",
     "skipped_udp_not_dns",
     "flow_table_full",
+    "tls_ciphertext",
+    "tls_no_socket",
 )
 
 
@@ -122,7 +135,7 @@ class L7EventHeader(ctypes.Structure):
         ("ts_ns", ctypes.c_uint64),
         ("size", ctypes.c_int64),
         ("cap_len", ctypes.c_uint32),
-        ("_pad1", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
         ("laddr", ctypes.c_uint8 * 16),
         ("raddr", ctypes.c_uint8 * 16),
         ("comm", ctypes.c_char * 16),
@@ -170,7 +183,7 @@ HEADER = struct.Struct(struct_format(L7EventHeader))
 # What the drain hands over per record: u32 record length, then the header, decoded with the
 # pads and fd skipped and laddr + raddr + comm as one 48-byte field.
 _RECORD = struct.Struct("<I" + struct_format(
-    L7EventHeader, skip=frozenset({"_pad1", "fd"}), join=("laddr", "raddr", "comm")
+    L7EventHeader, skip=frozenset({"fd"}), join=("laddr", "raddr", "comm")
 )[1:])
 _NAMES_CACHE_MAX = 8192  # distinct (laddr, raddr, comm) combinations kept decoded
 
@@ -192,6 +205,7 @@ class RawEvent(NamedTuple):
     ts_ns: int  # CLOCK_MONOTONIC
     size: int  # syscall return: bytes transferred; connect 0/-EINPROGRESS; accept new fd
     payload: bytes  # first min(size, capture_bytes) bytes
+    flags: int = 0  # L7Flag bits
 
 
 def _decode_names(family: int, raw: bytes) -> tuple[str, str, str]:
@@ -212,15 +226,16 @@ def decode_records(view: memoryview | bytes, used: int, out: list[RawEvent],
     data = bytes(view[:used])
     off = 0
     while off < used:
-        (length, kind, role, family, transport, lport, rport, tgid, conn_id, ts_ns, size, cap_len,
-         raw) = unpack(data, off)
+        (length, kind, role, family, transport, lport, rport, tgid, conn_id, ts_ns, size,
+         cap_len, flags, raw) = unpack(data, off)
         decoded = names.get(raw)
         if decoded is None:
             decoded = names[raw] = _decode_names(family, raw)
         start = off + rec_size
         append(new(RawEvent, (kind, conn_id, role, tgid, decoded[2], family, transport,
                               decoded[0], lport,
-                              decoded[1], rport, ts_ns, size, data[start:start + cap_len])))
+                              decoded[1], rport, ts_ns, size, data[start:start + cap_len],
+                              flags)))
         off += 4 + length
 
 
@@ -267,8 +282,8 @@ def decode_grouped(view: memoryview | bytes, used: int, offset_ns: int,
     data = bytes(view[:used])
     off = count = 0
     while off < used:
-        (length, kind, role, family, transport, lport, rport, tgid, conn_id, ts_ns, size, cap_len,
-         raw) = unpack(data, off)
+        (length, kind, role, family, transport, lport, rport, tgid, conn_id, ts_ns, size,
+         cap_len, flags, raw) = unpack(data, off)
         start = off + rec_size
         off += 4 + length
         count += 1
@@ -279,7 +294,9 @@ def decode_grouped(view: memoryview | bytes, used: int, offset_ns: int,
                 sealed.append(batch)
             batch = open_batches[conn_id] = ConnectionBatch(
                 conn_id, connection_meta(conn_id, role, family, transport, lport, rport, tgid,
-                               _names(names, family, raw)))
+                                         _names(names, family, raw)))
+        if flags & L7_FLAG_TLS:
+            batch.meta["tls"] = True
         batch.add_encoded(run, 1)
     return count
 
@@ -310,10 +327,12 @@ def group_runs(view: memoryview, groups: Any, ngroups: int, data: memoryview,
             if batch is not None:
                 sealed.append(batch)
             (_len, _kind, role, family, transport, lport, rport, tgid, _cid, _ts, _size, _cap,
-             raw) = unpack(view, g.first)
+             _flags, raw) = unpack(view, g.first)
             batch = open_batches[conn_id] = ConnectionBatch(
                 conn_id, connection_meta(conn_id, role, family, transport, lport, rport, tgid,
                                _names(names, family, bytes(raw))))
+        if g.flags & L7_FLAG_TLS:
+            batch.meta["tls"] = True
         batch.add_encoded(bytes(data[start:start + length]), nevents)
     return count
 

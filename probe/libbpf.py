@@ -246,8 +246,12 @@ class BpfObject:
             prog = _next_prog(self._obj, prog)
 
     def attach_all(self) -> list[str]:
-        """Attach every program by its section; returns the sections attached."""
+        """Attach every program that names its hook in its section (tracepoints); uprobes
+        name no binary and are attached one library at a time with ``attach_uprobe``.
+        Returns the sections attached."""
         for section, prog in self.programs():
+            if section.startswith(("uprobe", "uretprobe")):
+                continue
             try:
                 link = _check_ptr(_prog_attach(prog), f"attach {section}")
             except OSError as exc:
@@ -309,7 +313,8 @@ class KsGroup(ctypes.Structure):
 
     _fields_ = [("conn_id", ctypes.c_uint64), ("first", ctypes.c_uint32),
                 ("nevents", ctypes.c_uint32), ("data_off", ctypes.c_uint32),
-                ("data_len", ctypes.c_uint32)]
+                ("data_len", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32)]
 
 
 class _DrainLib:

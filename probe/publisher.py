@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import msgpack
 from confluent_kafka import KafkaError, Message, Producer
 
-from .l7 import ConnectionBatch, connection_meta
+from .l7 import L7_FLAG_TLS, ConnectionBatch, connection_meta
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class EventLike(Protocol):
     ts_ns: int
     size: int
     payload: bytes
+    flags: int
 
 
 def producer_config(base: Mapping[str, str]) -> dict[str, Any]:
@@ -120,6 +121,8 @@ class Publisher:
                 batch = self.open[ev.conn_id] = ConnectionBatch(ev.conn_id, connection_meta(
                     ev.conn_id, ev.role, ev.family, ev.transport, ev.lport, ev.rport, ev.tgid,
                     (ev.laddr, ev.raddr, ev.comm)))
+            if ev.flags & L7_FLAG_TLS:
+                batch.meta["tls"] = True
             batch.add_encoded(run, 1)
         self.count_in(n)
 

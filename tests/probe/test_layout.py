@@ -62,6 +62,7 @@ def test_struct_decoder_matches_ctypes_layout() -> None:
     ("l7_kind", "L7_", l7.L7Kind),
     ("l7_role", "L7_ROLE_", l7.L7Role),
     ("l7_transport", "L7_", l7.L7Transport),
+    ("l7_flag", "L7_FLAG_", l7.L7Flag),
 ])
 def test_enums_match_btf(btf: dict[str, dict[str, Any]], enum_name: str, prefix: str,
                          py_enum: type[IntEnum]) -> None:
