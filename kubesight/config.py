@@ -108,6 +108,8 @@ class ProbeConfig:
     flush_interval_ms: int = 100
     health_interval_s: float = 5.0
     exclude_comms: tuple[str, ...] = ()
+    # Plaintext of TLS connections from uprobes on the OpenSSL libraries processes load.
+    tls: bool = True
     # The probe must keep up with the kernel or events are dropped; the stream workers can lag
     # (Kafka buffers for them). So on a busy node the probe runs slightly ahead of others.
     nice: int = -5

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import msgpack
 
 from .libbpf import BpfObject, ProbeAttachError, ProbeError, RingReader, num_possible_cpus
+from .tls import TlsProbes
 
 log = logging.getLogger("kubesight.probe.l7")
 
@@ -371,6 +372,7 @@ class L7Probe:
         ringbuf_bytes: int = 16 << 20,
         exclude_tgids: tuple[int, ...] | list[int] = (),
         filter_all: bool = False,
+        tls: bool = True,
         bpf_dir: Path | str | None = None,
     ) -> None:
         if not 0 <= capture_bytes <= CAPTURE_MAX:
@@ -381,6 +383,8 @@ class L7Probe:
         self.capture_bytes = capture_bytes
         self.ringbuf_bytes = ringbuf_bytes
         self.filter_all = filter_all
+        self.tls = tls
+        self._tls: TlsProbes | None = None
         self.bpf_dir = Path(bpf_dir) if bpf_dir is not None else _default_bpf_dir()
         self._excluded = {os.getpid(), *exclude_tgids}
         self._obj: BpfObject | None = None
@@ -407,6 +411,9 @@ class L7Probe:
                 self.exclude_tgid(tgid)
             _ensure_tracefs()
             hooks = obj.attach_all()
+            if self.tls:
+                self._tls = TlsProbes(obj, exclude=self._excluded)
+                self._tls.scan()
             self._reader = RingReader(obj.map_fd("events"), self.ringbuf_bytes,
                                       self.bpf_dir / "libksdrain.so")
         except BaseException:
@@ -417,6 +424,14 @@ class L7Probe:
                  len(hooks), ", ".join(h.rsplit("/", 1)[-1] for h in hooks), self.capture_bytes,
                  self.ringbuf_bytes >> 20, self._reader.mode,
                  ", filtering everything" if self.filter_all else "")
+
+    def scan_tls(self) -> list[str]:
+        """Probe the TLS libraries of processes started since the last scan (new paths)."""
+        return self._tls.scan() if self._tls is not None else []
+
+    @property
+    def tls_libraries(self) -> list[str]:
+        return sorted(self._tls.libraries.values()) if self._tls is not None else []
 
     def exclude_tgid(self, tgid: int) -> None:
         """Drop every event of this process in the kernel, from now on."""
@@ -432,6 +447,7 @@ class L7Probe:
         if self._obj is not None:
             self._obj.close()
             self._obj = None
+        self._tls = None
 
     def __enter__(self) -> L7Probe:
         self.start()

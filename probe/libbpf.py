@@ -76,6 +76,19 @@ _next_prog = _fn("bpf_object__next_program", _c_void_p, _c_void_p, _c_void_p)
 _prog_section = _fn("bpf_program__section_name", ctypes.c_char_p, _c_void_p)
 _prog_attach = _fn("bpf_program__attach", _c_void_p, _c_void_p)
 _prog_fd = _fn("bpf_program__fd", ctypes.c_int, _c_void_p)
+_find_prog = _fn("bpf_object__find_program_by_name", _c_void_p, _c_void_p, ctypes.c_char_p)
+
+
+class _UprobeOpts(ctypes.Structure):
+    """struct bpf_uprobe_opts (libbpf ≥ 1.0; later fields are zero = default)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("ref_ctr_offset", ctypes.c_size_t),
+                ("bpf_cookie", ctypes.c_uint64), ("retprobe", ctypes.c_bool),
+                ("func_name", ctypes.c_char_p)]
+
+
+_attach_uprobe = _fn("bpf_program__attach_uprobe_opts", _c_void_p, _c_void_p, ctypes.c_int,
+                     ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_UprobeOpts))
 _link_destroy = _fn("bpf_link__destroy", ctypes.c_int, _c_void_p)
 _map_fd = _fn("bpf_map__fd", ctypes.c_int, _c_void_p)
 _map_set_max_entries = _fn("bpf_map__set_max_entries", ctypes.c_int, _c_void_p, ctypes.c_uint32)
@@ -258,6 +271,23 @@ class BpfObject:
                 raise ProbeAttachError(f"attach {section}") from exc
             self._links.append((section, link))
         return [section for section, _ in self._links]
+
+    def attach_uprobe(self, program: str, binary: str, function: str, *,
+                      retprobe: bool = False) -> None:
+        """Attach ``program`` to ``function`` of the ELF file ``binary`` in every process
+        (uprobes are per file: processes started later that map it are covered too)."""
+        prog = _find_prog(self._obj, program.encode())
+        what = f"attach {'uretprobe' if retprobe else 'uprobe'} {program} {binary}:{function}"
+        if not prog:
+            raise ProbeAttachError(f"{what}: no such program")
+        opts = _UprobeOpts(sz=ctypes.sizeof(_UprobeOpts), retprobe=retprobe,
+                           func_name=function.encode())
+        try:
+            link = _check_ptr(_attach_uprobe(prog, -1, binary.encode(), 0, ctypes.byref(opts)),
+                              what)
+        except OSError as exc:
+            raise ProbeAttachError(what) from exc
+        self._links.append((f"{program}:{binary}", link))
 
     def program_fds(self) -> dict[str, int]:
         return {section: _prog_fd(prog) for section, prog in self.programs()}

@@ -27,6 +27,7 @@ log = logging.getLogger("kubesight.probe")
 
 EXCLUSION_REFRESH_S = 2.0
 LISTENER_REFRESH_S = 5.0
+TLS_REFRESH_S = 2.0  # new processes' TLS libraries are probed within this
 
 
 class ProbeRunner:
@@ -40,6 +41,7 @@ class ProbeRunner:
             ringbuf_bytes=config.probe.ringbuf_bytes,
             exclude_tgids=tuple(sorted(self._excluded)),
             filter_all=filter_all,
+            tls=config.probe.tls,
         )
         self._producer = Producer(producer_config(config.kafka.librdkafka()))
         self.publisher = Publisher(
@@ -57,7 +59,7 @@ class ProbeRunner:
         log.info("probe %s attached; publishing to %s on %s", self.probe_id,
                  self.config.topic("raw.v1"), self.config.kafka.bootstrap)
         flush_s = cfg.flush_interval_ms / 1000
-        next_flush = next_excl = next_listen = next_health = time.monotonic()
+        next_flush = next_excl = next_listen = next_health = next_tls = time.monotonic()
         try:
             while not self._stop.is_set():
                 self._drain()
@@ -72,6 +74,9 @@ class ProbeRunner:
                 if now >= next_listen:
                     self._publish_listeners()
                     next_listen = now + LISTENER_REFRESH_S
+                if now >= next_tls:
+                    self._kernel.scan_tls()
+                    next_tls = now + TLS_REFRESH_S
                 if now >= next_health:
                     self._publish_health()
                     next_health = now + cfg.health_interval_s
@@ -117,6 +122,7 @@ class ProbeRunner:
     def health(self) -> dict[str, int]:
         counters = {f"kernel_{k}": v for k, v in self._kernel.counters().items()}
         counters.update(self.publisher.stats())
+        counters["tls_libraries_probed"] = len(self._kernel.tls_libraries)
         return {k: max(0, int(v)) for k, v in counters.items()}
 
     def _publish_health(self) -> None:

@@ -56,6 +56,7 @@ class _Connection:
     parser: Sniffer
     last_seen: float
     transport: str = "tcp"
+    tls: bool = False  # events are plaintext from the TLS library
 
 
 class WindowPartial:
@@ -147,6 +148,8 @@ class Reassembler:
         conn = self.connections.get(key)
         if conn is None:
             conn = self._open(key, node, conn_meta)
+        if conn_meta.get("tls"):
+            conn.tls = True
         conn.last_seen = self._clock()
         out: list[Request] = []
         feed = conn.parser.feed
@@ -280,7 +283,8 @@ class Reassembler:
             "endpoint": req.endpoint[:256], "path": req.raw_path[:256], "status": req.status,
             "error": req.error, "slow": slow, "start_ns": req.start_ns, "end_ns": req.end_ns,
             "request_bytes": req.request_bytes, "response_bytes": req.response_bytes,
-            "complete": req.complete, "query": req.query, "src_namespace": "", "src_workload": src,
+            "complete": req.complete, "query": req.query, "tls": conn.tls,
+            "src_namespace": "", "src_workload": src,
             "dst_namespace": "", "dst_workload": dst, "pid": conn.tgid,
         }
         self._aggregate(record, latency_ns)

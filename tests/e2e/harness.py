@@ -216,7 +216,7 @@ http {{
     client_body_buffer_size 2m;
     keepalive_requests 1000000;
     server {{
-        listen 127.0.0.1:{port};
+        listen 127.0.0.1:{port}{tls};
         location = / {{ return 200 "{body}"; }}
         location = /small {{ return 200 "ok"; }}
         location = /error {{ return 503 "unavailable"; }}
@@ -228,18 +228,31 @@ http {{
 
 
 class Nginx:
-    def __init__(self, workdir: Path) -> None:
+    """nginx on loopback; with ``tls=True`` it serves HTTPS with a throwaway self-signed
+    certificate (clients must skip verification: curl -k; wrk never verifies)."""
+
+    def __init__(self, workdir: Path, *, tls: bool = False) -> None:
         self.dir = workdir / "nginx"
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.port,) = free_ports(1)
+        self.tls = tls
         body = "x" * 600  # about the size of nginx's default index page
+        listen_tls = ""
+        if tls:
+            cert, key = self.dir / "cert.pem", self.dir / "key.pem"
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                            "-keyout", str(key), "-out", str(cert), "-days", "2",
+                            "-subj", "/CN=localhost"], check=True, capture_output=True,
+                           timeout=60)
+            listen_tls = (f" ssl;\n        ssl_certificate {cert};"
+                          f"\n        ssl_certificate_key {key}")
         (self.dir / "nginx.conf").write_text(NGINX_CONF.format(dir=self.dir, port=self.port,
-                                                               body=body))
+                                                               body=body, tls=listen_tls))
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
