@@ -29,7 +29,14 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from .libbpf import BpfObject, ProbeAttachError, ProbeError, RingReader, num_possible_cpus
+from .libbpf import (
+    BpfObject,
+    ProbeAttachError,
+    ProbeError,
+    ProbeLoadError,
+    RingReader,
+    num_possible_cpus,
+)
 from .tls import TlsProbes
 
 log = logging.getLogger("kubesight.probe.l7")
@@ -58,6 +65,8 @@ __all__ = [
 ]
 
 CAPTURE_MAX = 8192  # L7_CAPTURE_MAX in l7.h (tested)
+# The same programs built twice (bpf/Makefile), tried in this order.
+BUILDS = ("l7.bpf.o", "l7_compat.bpf.o")
 POLL_INTERVAL_S = 0.005  # events come without wakeup: how often poll() looks again
 TRACEFS = Path("/sys/kernel/tracing")
 
@@ -373,6 +382,7 @@ class L7Probe:
         exclude_tgids: tuple[int, ...] | list[int] = (),
         filter_all: bool = False,
         tls: bool = True,
+        build: str | None = None,
         bpf_dir: Path | str | None = None,
     ) -> None:
         if not 0 <= capture_bytes <= CAPTURE_MAX:
@@ -384,6 +394,7 @@ class L7Probe:
         self.ringbuf_bytes = ringbuf_bytes
         self.filter_all = filter_all
         self.tls = tls
+        self.build = build  # which object file; None: the fastest this kernel loads
         self._tls: TlsProbes | None = None
         self.bpf_dir = Path(bpf_dir) if bpf_dir is not None else _default_bpf_dir()
         self._excluded = {os.getpid(), *exclude_tgids}
@@ -397,14 +408,8 @@ class L7Probe:
 
     def start(self) -> None:
         """open → configure → load → attach. Raises ProbeLoadError / ProbeAttachError."""
-        obj = BpfObject.open(self.bpf_dir / "l7.bpf.o")
+        obj = self._load()
         try:
-            obj.set_rodata({
-                "capture_bytes": self.capture_bytes.to_bytes(4, "little"),
-                "filter_all": bytes([self.filter_all]),
-            })
-            obj.resize_map("events", max_entries=self.ringbuf_bytes)
-            obj.load()
             self._obj = obj
             # Exclusions go in before attach: not one event from an excluded process.
             for tgid in sorted(self._excluded):
@@ -420,10 +425,39 @@ class L7Probe:
             self._obj = None
             obj.close()
             raise
-        log.info("l7 probe attached %d hooks (%s); capture %d bytes, ring %d MiB, drain %s%s",
-                 len(hooks), ", ".join(h.rsplit("/", 1)[-1] for h in hooks), self.capture_bytes,
-                 self.ringbuf_bytes >> 20, self._reader.mode,
+        log.info("l7 probe attached %d hooks (%s) from %s; capture %d bytes, ring %d MiB, "
+                 "drain %s, TLS libraries %s%s",
+                 len(hooks), ", ".join(h.rsplit("/", 1)[-1] for h in hooks), self.build,
+                 self.capture_bytes, self.ringbuf_bytes >> 20, self._reader.mode,
+                 ", ".join(self.tls_libraries) or "none yet",
                  ", filtering everything" if self.filter_all else "")
+
+    def _load(self) -> BpfObject:
+        """The fast build if this kernel takes it, else the compat build (see bpf/Makefile)."""
+        objects = [self.build] if self.build else list(BUILDS)
+        for i, name in enumerate(objects):
+            obj = BpfObject.open(self.bpf_dir / name)
+            try:
+                obj.set_rodata({
+                    "capture_bytes": self.capture_bytes.to_bytes(4, "little"),
+                    "filter_all": bytes([self.filter_all]),
+                })
+                obj.resize_map("events", max_entries=self.ringbuf_bytes)
+                obj.load()
+            except ProbeLoadError as exc:
+                obj.close()
+                if i + 1 == len(objects):
+                    raise
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                log.warning("%s does not load on this kernel (%s); trying %s", name, first,
+                            objects[i + 1])
+                continue
+            except BaseException:
+                obj.close()
+                raise
+            self.build = name
+            return obj
+        raise ProbeLoadError("no BPF object to load")  # unreachable: BUILDS is not empty
 
     def scan_tls(self) -> list[str]:
         """Probe the TLS libraries of processes started since the last scan (new paths)."""

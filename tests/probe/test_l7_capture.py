@@ -269,3 +269,27 @@ def test_verifier_rejection_carries_the_verifier_log(bpf_root: Path, tmp_path: P
     finally:
         obj.close()
     assert isinstance(info.value.__cause__, OSError)
+
+
+def test_compat_build_captures_like_the_fast_build(bpf_root: Path, nginx: Nginx) -> None:
+    """The build for kernels before 6.4 (field-by-field reads, hash-map stash) sees the same."""
+    with L7Probe(bpf_dir=bpf_root, build="l7_compat.bpf.o") as probe:
+        assert probe.build == "l7_compat.bpf.o"
+        pid = curl(nginx.url())
+        events = poll_until(probe, lambda evs: bool(of(evs, L7_CLOSE, {pid})))
+    assert [e.payload[:4] for e in of(events, L7_DATA_OUT, {pid})] == [b"GET "]
+    assert [e.payload[:12] for e in of(events, L7_DATA_IN, {pid})] == [b"HTTP/1.1 200"]
+
+
+def test_a_kernel_refusing_the_fast_build_gets_the_compat_build(bpf_root: Path, nginx: Nginx,
+                                                                tmp_path: Path) -> None:
+    (tmp_path / "bad.bpf.c").write_text(BAD_PROGRAM)  # stands in for a refused fast build
+    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu",
+                    "-c", "bad.bpf.c", "-o", "l7.bpf.o"], cwd=tmp_path, check=True)
+    shutil.copy(bpf_root / "l7_compat.bpf.o", tmp_path)
+    shutil.copy(bpf_root / "libksdrain.so", tmp_path)
+    with L7Probe(bpf_dir=tmp_path) as probe:
+        assert probe.build == "l7_compat.bpf.o"
+        pid = curl(nginx.url())
+        events = poll_until(probe, lambda evs: bool(of(evs, L7_CLOSE, {pid})))
+    assert of(events, L7_DATA_IN, {pid})
