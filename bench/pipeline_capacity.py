@@ -13,11 +13,13 @@ Usage: python -m bench.pipeline_capacity [--requests 300000] [--batch 256]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,15 +91,36 @@ def golden_total(config: Any) -> int:
     return sum(r["count"] for r in read_topic(config, "golden.v1"))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--requests", type=int, default=300_000, help="requests per side")
-    ap.add_argument("--batch", type=int, default=256, help="requests per raw batch")
-    ap.add_argument("--connections", type=int, default=16)
-    ap.add_argument("--bootstrap", default=os.environ.get("KUBESIGHT_BENCH_BOOTSTRAP", ""))
-    args = ap.parse_args()
+class CapacityRun:
+    """A real `kubesight worker` on a broker, ready, with its idle CPU rate measured."""
 
+    def __init__(self, bootstrap: str, config: Any, worker: subprocess.Popen[bytes],
+                 idle_rate: float) -> None:
+        self.bootstrap, self.config, self.worker, self.idle_rate = (bootstrap, config, worker,
+                                                                    idle_rate)
+
+    def measure(self, produce: Any, timeout_s: float = 900) -> tuple[int, int, float, float,
+                                                                    float]:
+        """produce(raw topic) -> requests expected; waits until golden.v1 counts them all.
+        Returns (expected, counted, wall seconds, worker CPU seconds, produce seconds)."""
+        t_start = time.monotonic()
+        c_start = cpu_seconds(self.worker.pid)
+        expected = produce(self.config.topic("raw.v1"))
+        produced_s = time.monotonic() - t_start
+        total = 0
+        while time.monotonic() - t_start < timeout_s:
+            total = golden_total(self.config)
+            if total >= expected:
+                break
+            time.sleep(2)
+        elapsed = time.monotonic() - t_start
+        cpu = cpu_seconds(self.worker.pid) - c_start - self.idle_rate * elapsed
+        return expected, total, elapsed, cpu, produced_s
+
+
+@contextlib.contextmanager
+def capacity_worker(bootstrap: str = "") -> Iterator[CapacityRun]:
+    """Start a broker (unless ``bootstrap`` names one) and one worker with its own topics."""
     from kubesight.broker import LocalBroker
     from kubesight.config import Config, KafkaConfig, LocalBrokerConfig, load
     from kubesight.topics import ensure_topics
@@ -105,7 +128,6 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="ks-capacity-"))
     broker = None
-    bootstrap = args.bootstrap
     if not bootstrap:
         port, cport = free_ports(2)
         broker = LocalBroker(Config(state_dir=str(workdir / "kafka"), kafka=KafkaConfig(
@@ -113,7 +135,7 @@ def main() -> int:
         broker.start(timeout=120)
         bootstrap = broker.bootstrap
     (web_port,) = free_ports(1)
-    prefix = f"cap{int(time.time())}."
+    prefix = f"cap{time.time_ns()}."
     tree = {"node_name": "bench", "state_dir": str(workdir / "state"), "log_level": "info",
             "kafka": {"bootstrap_servers": bootstrap, "topic_prefix": prefix, "partitions": 4},
             "streams": {"window_seconds": 2, "grace_seconds": 1.0, "web_port": web_port,
@@ -137,32 +159,35 @@ def main() -> int:
         c0, t0 = cpu_seconds(worker.pid), time.monotonic()
         time.sleep(5)
         idle_rate = (cpu_seconds(worker.pid) - c0) / (time.monotonic() - t0)
-        t_start = time.monotonic()
-        c_start = cpu_seconds(worker.pid)
-        expected = produce_backlog(bootstrap, config.topic("raw.v1"), args.requests,
-                                   args.batch, args.connections)
-        produced_s = time.monotonic() - t_start
-        total = 0
-        while time.monotonic() - t_start < 900:
-            total = golden_total(config)
-            if total >= expected:
-                break
-            time.sleep(2)
-        elapsed = time.monotonic() - t_start
-        cpu = cpu_seconds(worker.pid) - c_start - idle_rate * elapsed
-        print(f"requests sent (both sides): {expected:,}; counted in golden.v1: {total:,} "
-              f"({'zero loss' if total == expected else 'MISMATCH'})")
-        print(f"backlog produced in {produced_s:.1f}s; worker done after {elapsed:.1f}s wall")
-        print(f"worker CPU: {cpu:.1f}s (idle {idle_rate:.3f} core subtracted) -> "
-              f"{expected / cpu:,.0f} requests/s per worker core "
-              f"({2 * expected / cpu:,.0f} events/s)")
-        return 0 if total == expected else 1
+        yield CapacityRun(bootstrap, config, worker, idle_rate)
     finally:
         worker.terminate()
         worker.wait(60)
         log.close()
         if broker is not None:
             broker.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=300_000, help="requests per side")
+    ap.add_argument("--batch", type=int, default=256, help="requests per raw batch")
+    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--bootstrap", default=os.environ.get("KUBESIGHT_BENCH_BOOTSTRAP", ""))
+    args = ap.parse_args()
+
+    with capacity_worker(args.bootstrap) as run:
+        expected, total, elapsed, cpu, produced_s = run.measure(
+            lambda topic: produce_backlog(run.bootstrap, topic, args.requests, args.batch,
+                                          args.connections))
+    print(f"requests sent (both sides): {expected:,}; counted in golden.v1: {total:,} "
+          f"({'zero loss' if total == expected else 'MISMATCH'})")
+    print(f"backlog produced in {produced_s:.1f}s; worker done after {elapsed:.1f}s wall")
+    print(f"worker CPU: {cpu:.1f}s (idle rate subtracted) -> "
+          f"{expected / cpu:,.0f} requests/s per worker core "
+          f"({2 * expected / cpu:,.0f} events/s)")
+    return 0 if total == expected else 1
 
 
 if __name__ == "__main__":

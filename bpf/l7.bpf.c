@@ -380,6 +380,20 @@ static __always_inline void conn_new(struct l7_conn *conn, struct sock *sk, enum
 }
 
 /* Fill the header of the per-CPU scratch event; payload is added by the caller. */
+/* The process's name, not the calling thread's (bpf_get_current_comm): runtimes name their
+ * I/O threads ("rdk:broker1", "isc-net-0000"), and a workload is the process. */
+static __always_inline void process_comm(char *dst)
+{
+#ifndef L7_COMPAT
+	struct task_struct *leader = bpf_get_current_task_btf()->group_leader;
+#else
+	struct task_struct *leader = BPF_CORE_READ((struct task_struct *)bpf_get_current_task(),
+						   group_leader);
+#endif
+
+	bpf_probe_read_kernel(dst, L7_COMM_LEN, leader->comm);
+}
+
 static __always_inline struct l7_event *event_start(enum l7_kind kind, const struct l7_conn *conn,
 						     int fd, __s64 size, __u64 pid_tgid, __u64 ts_ns)
 {
@@ -405,7 +419,7 @@ static __always_inline struct l7_event *event_start(enum l7_kind kind, const str
 	ev->flags = 0;
 	__builtin_memcpy(ev->laddr, conn->laddr, L7_ADDR_LEN);
 	__builtin_memcpy(ev->raddr, conn->raddr, L7_ADDR_LEN);
-	bpf_get_current_comm(ev->comm, sizeof(ev->comm));
+	process_comm(ev->comm);
 	return ev;
 }
 

@@ -5,7 +5,7 @@
 #define KUBESIGHT_L7_H
 
 #define L7_CAPTURE_MAX     8192	/* capture_bytes is clamped to this (per-CPU scratch ≤ 32 KiB) */
-#define L7_MAX_IOVECS      8		/* iovecs walked per readv/writev/sendmsg/recvmsg */
+#define L7_MAX_IOVECS      32		/* iovecs walked per readv/writev/sendmsg/recvmsg (grpc-core writes 14-22) */
 #define L7_MAX_CONNECTIONS 65536	/* LRU: sock -> connection identity */
 #define L7_MAX_UDP_FLOWS   16384	/* LRU: (UDP sock, peer) -> flow identity */
 #define L7_MAX_MMSG        4		/* datagrams reported per sendmmsg/recvmmsg */

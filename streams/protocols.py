@@ -72,9 +72,41 @@ def _redis() -> Parser:
     return Parser("redis", redis.detect, lambda role, _opts: redis.RedisConnection(role))
 
 
+def _http2(mid_connection: bool = False) -> Parser:
+    from . import http2
+
+    detect = http2.detect_frames if mid_connection else http2.detect
+    return Parser("http2", detect, lambda role, _opts: http2.Http2Connection(role))
+
+
+def _dns() -> Parser:
+    from . import dns
+
+    return Parser("dns", dns.detect, lambda role, _opts: dns.DnsConnection(role))
+
+
+def _mysql() -> Parser:
+    from . import mysql
+
+    return Parser("mysql", mysql.detect, mysql.MysqlConnection)
+
+
+def _postgres() -> Parser:
+    from . import postgres
+
+    return Parser("postgresql", postgres.detect, postgres.PostgresConnection)
+
+
+def _kafka() -> Parser:
+    from . import kafka
+
+    return Parser("kafka", kafka.detect, lambda role, _opts: kafka.KafkaConnection(role))
+
+
 def _registry() -> list[Parser]:
     """The parsers in detection order (see the module docstring for why this order)."""
-    return [_http1(), _redis()]
+    return [_http2(), _http1(), _postgres(), _mysql(), _redis(), _kafka(), _dns(),
+            _http2(mid_connection=True)]
 
 
 PARSERS: list[Parser] = _registry()
