@@ -7,6 +7,7 @@
     kubesight probe     run only the node probe (root)
     kubesight worker    run one stream worker
     kubesight sink      run the sinks (Prometheus at 127.0.0.1:9464 by default)
+    kubesight meta      follow the Kubernetes API server into the k8s.v1 topic
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("probe", help="run the node probe (needs root)")
     sub.add_parser("worker", help="run one stream worker")
     sub.add_parser("sink", help="run the configured sinks")
+    sub.add_parser("meta", help="follow the Kubernetes API (pods, services, workloads, "
+                   "nodes) into k8s.v1")
     return p
 
 
@@ -125,6 +128,15 @@ def main(argv: list[str] | None = None) -> int:
         from .sinks.runner import run as run_sink
 
         run_sink(config)
+    elif args.command == "meta":
+        from .k8smeta import MetadataConfigError
+        from .k8smeta import run as run_meta
+
+        try:
+            run_meta(config)
+        except MetadataConfigError as exc:
+            print(f"kubesight: {exc}", file=sys.stderr)
+            return 2
     elif args.command == "worker":
         sys.argv = [sys.argv[0]]  # Faust's worker reads argv; give it none of ours
         from .streams.app import main as run_worker

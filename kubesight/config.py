@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import os
 import socket
 import types
@@ -110,6 +111,12 @@ class ProbeConfig:
     exclude_comms: tuple[str, ...] = ()
     # Plaintext of TLS connections from uprobes on the OpenSSL libraries processes load.
     tls: bool = True
+    # TCP health per connection (bpf/tcp.bpf.c): live connections are re-read this often.
+    tcp: bool = True
+    tcp_snapshot_s: float = 5.0
+    # Node CPU, memory and the top-N processes by CPU, from /proc every node_interval_s.
+    node_interval_s: float = 5.0
+    top_n: int = 10
     # The probe must keep up with the kernel or events are dropped; the stream workers can lag
     # (Kafka buffers for them). So on a busy node the probe runs slightly ahead of others.
     nice: int = -5
@@ -125,6 +132,14 @@ class ProbeConfig:
             raise ConfigError(f"probe.ringbuf_bytes: must be a power of two >= 4096, got {rb}")
         if self.batch_max_events < 1:
             raise ConfigError(f"probe.batch_max_events: must be >= 1, got {self.batch_max_events}")
+        if not 0.5 <= self.tcp_snapshot_s <= 3600:
+            raise ConfigError(
+                f"probe.tcp_snapshot_s: must be within 0.5..3600, got {self.tcp_snapshot_s}")
+        if not 0.5 <= self.node_interval_s <= 3600:
+            raise ConfigError(
+                f"probe.node_interval_s: must be within 0.5..3600, got {self.node_interval_s}")
+        if not 1 <= self.top_n <= 100:
+            raise ConfigError(f"probe.top_n: must be within 1..100, got {self.top_n}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +205,32 @@ class SinksConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class KubernetesConfig:
+    # Where the metadata watcher (`kubesight meta`) finds the API server. Empty: $KUBECONFIG,
+    # then ~/.kube/config, then the in-cluster service account; `kubesight up` starts the
+    # watcher only when one of them exists.
+    kubeconfig: str = ""
+    # Server-side timeout of one watch request; the watch is then renewed from where it was.
+    watch_timeout_s: int = 300
+    # The cluster's service CIDRs (kube-apiserver --service-cluster-ip-range). The probe asks
+    # conntrack where a call to an address in them was sent (the backend pod); empty: never.
+    service_cidrs: tuple[str, ...] = ()
+    # The network namespace whose conntrack table that is, by name (/run/netns/<name>);
+    # empty: the probe's own, the node's when the probe runs with hostNetwork.
+    conntrack_netns: str = ""
+
+    def __post_init__(self) -> None:
+        if not 10 <= self.watch_timeout_s <= 3600:
+            raise ConfigError(
+                f"kubernetes.watch_timeout_s: must be within 10..3600, got {self.watch_timeout_s}")
+        for cidr in self.service_cidrs:
+            try:
+                ipaddress.ip_network(cidr)
+            except ValueError as exc:
+                raise ConfigError(f"kubernetes.service_cidrs: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     node_name: str = dataclasses.field(default_factory=socket.gethostname)
     state_dir: str = dataclasses.field(default_factory=_default_state_dir)
@@ -198,6 +239,7 @@ class Config:
     probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
     streams: StreamsConfig = dataclasses.field(default_factory=StreamsConfig)
     sinks: SinksConfig = dataclasses.field(default_factory=SinksConfig)
+    kubernetes: KubernetesConfig = dataclasses.field(default_factory=KubernetesConfig)
 
     def __post_init__(self) -> None:
         levels = {"debug", "info", "warning", "error"}

@@ -1,7 +1,8 @@
 """``kubesight up``: run everything on this machine, say where to look, stop cleanly.
 
 Order: local Kafka broker (unless a cluster is configured) → topics → sink → stream worker →
-probe. Each component is a child process with its log in ``<state>/logs``; one that dies is
+Kubernetes metadata watcher (only when a kubeconfig or in-cluster config is found) → probe.
+Each component is a child process with its log in ``<state>/logs``; one that dies is
 restarted with backoff, and one that keeps dying is reported and left down. Ctrl-C (or
 SIGTERM) stops the probe first, so that everything it captured drains through the pipeline's
 buffers, then the worker, the sink, and the broker last.
@@ -84,6 +85,10 @@ class Supervisor:
             Component("sink", [*me, "sink"], logs / "sink.log"),
             Component("worker", [*me, "worker"], logs / "worker.log"),
         ]
+        from .k8smeta import cluster_configured
+
+        if cluster_configured(config.kubernetes.kubeconfig):  # a kubeconfig or in a pod
+            self.components.append(Component("meta", [*me, "meta"], logs / "meta.log"))
         if with_probe:
             self.components.append(Component("probe", [*me, "probe"], logs / "probe.log"))
 

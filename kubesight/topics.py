@@ -65,6 +65,34 @@ TOPICS: tuple[TopicSpec, ...] = (
         "deadletter.v1", "source topic/partition/offset",
         "Records that could not be decoded or validated, with the reason.",
         False, "deadletter.v1"),
+    TopicSpec(
+        "k8s.v1", "kind/namespace/name",
+        "Kubernetes metadata from the API server (kubesight meta): pods with IPs, container "
+        "ids and owning workload, services, endpointslices, workloads and nodes; latest "
+        "record per object wins, a deleted object leaves a tombstone.",
+        True, "k8s.v1"),
+    TopicSpec(
+        "node.v1", "node",
+        "Node CPU per core, memory and the top-N processes and pods by CPU, one record per "
+        "probe sampling interval; the topic's history is their time series.",
+        False, "node.v1"),
+    TopicSpec(
+        "tcp.v1", "node/probe/batch",
+        "TCP connection intervals from the probe: per connection, what changed since it was "
+        "last reported (bytes, retransmits, resets, smoothed RTT histogram, connect outcome), "
+        "in batches per node; batches after a snapshot carry the node's conntrack usage.",
+        False, "tcp.v1"),
+    TopicSpec(
+        "netseries.v1", "network series",
+        "Internal repartition of TCP intervals by network series (edge or workload) before "
+        "the windowed network tables.",
+        False, "netseries.v1"),
+    TopicSpec(
+        "network.v1", "network series, or node",
+        "Network health per edge and workload and tumbling window (connections opened/"
+        "closed, connect failures by kind, resets, retransmits, bytes, an RTT sketch), and "
+        "node conntrack usage.",
+        False, "network.v1"),
 )
 
 _BY_NAME = {t.name: t for t in TOPICS}

@@ -102,6 +102,9 @@ _update_elem = _fn("bpf_map_update_elem", ctypes.c_int, ctypes.c_int, _c_void_p,
                    ctypes.c_uint64)
 _lookup_elem = _fn("bpf_map_lookup_elem", ctypes.c_int, ctypes.c_int, _c_void_p, _c_void_p)
 _delete_elem = _fn("bpf_map_delete_elem", ctypes.c_int, ctypes.c_int, _c_void_p)
+_get_next_key = _fn("bpf_map_get_next_key", ctypes.c_int, ctypes.c_int, _c_void_p, _c_void_p)
+_lookup_batch = _fn("bpf_map_lookup_batch", ctypes.c_int, ctypes.c_int, _c_void_p, _c_void_p,
+                    _c_void_p, _c_void_p, ctypes.POINTER(ctypes.c_uint32), _c_void_p)
 _num_cpus = _fn("libbpf_num_possible_cpus", ctypes.c_int)
 _btf_find = _fn("btf__find_by_name_kind", ctypes.c_int, _c_void_p, ctypes.c_char_p,
                 ctypes.c_uint32)
@@ -114,6 +117,7 @@ _rb_consume = _fn("ring_buffer__consume", ctypes.c_int, _c_void_p)
 _rb_free = _fn("ring_buffer__free", None, _c_void_p)
 
 _BTF_KIND_DATASEC = 15
+_ENOTSUPP = 524  # the kernel's own "operation not supported" (not in errno)
 
 
 class _BtfType(ctypes.Structure):
@@ -300,9 +304,10 @@ class BpfObject:
     def map_max_entries(self, name: str) -> int:
         return int(_map_max_entries(self._map(name)))
 
-    def map_update(self, name: str, key: bytes, value: bytes) -> None:
+    def map_update(self, name: str, key: bytes, value: bytes, flags: int = 0) -> None:
+        """``flags``: BPF_ANY (0), BPF_NOEXIST (1) or BPF_EXIST (2)."""
         try:
-            _check(_update_elem(self.map_fd(name), key, value, 0), f"update {name}")
+            _check(_update_elem(self.map_fd(name), key, value, flags), f"update {name}")
         except OSError as exc:
             raise ProbeMapError(str(exc)) from exc
 
@@ -321,6 +326,59 @@ class BpfObject:
                 return None
             raise ProbeMapError(f"lookup {name}: {os.strerror(-rc)}") from OSError(-rc, name)
         return buf.raw
+
+    def map_items(self, name: str, key_size: int, value_size: int,
+                  chunk: int = 1024) -> list[tuple[bytes, bytes]]:
+        """Every (key, value) of a hash map now, as raw bytes (not per-CPU maps).
+
+        A live map has no consistent snapshot: entries added or deleted meanwhile may be
+        missed. One ``bpf_map_lookup_batch`` per ``chunk`` entries; kernels without batch
+        operations for the map type fall back to ``get_next_key`` + lookup per entry.
+        """
+        fd = self.map_fd(name)
+        try:
+            return self._items_batched(fd, key_size, value_size, chunk)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, _ENOTSUPP, errno.EOPNOTSUPP):
+                raise ProbeMapError(f"lookup_batch {name}: {exc.strerror}") from exc
+        return self._items_one_by_one(fd, name, key_size, value_size)
+
+    @staticmethod
+    def _items_batched(fd: int, key_size: int, value_size: int,
+                       chunk: int) -> list[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
+        token = ctypes.create_string_buffer(max(8, key_size))
+        next_token = ctypes.create_string_buffer(max(8, key_size))
+        keys = ctypes.create_string_buffer(key_size * chunk)
+        values = ctypes.create_string_buffer(value_size * chunk)
+        first = True
+        while True:
+            count = ctypes.c_uint32(chunk)
+            rc = _lookup_batch(fd, None if first else token, next_token, keys, values,
+                               ctypes.byref(count), None)
+            if rc < 0 and -rc == errno.ENOSPC:
+                raise OSError(errno.EINVAL, "a hash bucket holds more than one chunk")
+            if rc < 0 and -rc != errno.ENOENT:
+                raise OSError(-rc, os.strerror(-rc))
+            kraw, vraw = keys.raw, values.raw
+            out.extend((kraw[i * key_size:(i + 1) * key_size],
+                        vraw[i * value_size:(i + 1) * value_size]) for i in range(count.value))
+            if rc < 0:  # ENOENT: that was the last chunk
+                return out
+            ctypes.memmove(token, next_token, len(token))
+            first = False
+
+    def _items_one_by_one(self, fd: int, name: str, key_size: int,
+                          value_size: int) -> list[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
+        key = ctypes.create_string_buffer(key_size)
+        value = ctypes.create_string_buffer(value_size)
+        prev: Any = None
+        while _get_next_key(fd, prev, key) == 0:
+            if _lookup_elem(fd, key, value) == 0:  # deleted meanwhile: skip it
+                out.append((key.raw, value.raw))
+            prev = ctypes.create_string_buffer(key.raw, key_size)
+        return out
 
     # --- teardown --------------------------------------------------------------------------
 

@@ -20,8 +20,13 @@ from kubesight.config import Config
 from kubesight.process import run_component
 
 from . import node
+from .conntags import BackendLookup, ConnectionTagger
+from .cpu import NodeSampler
 from .l7 import L7Probe
+from .libbpf import ProbeError
 from .publisher import Publisher, producer_config
+from .tcp import TcpProbe
+from .tcp_publisher import TcpPublisher
 
 log = logging.getLogger("kubesight.probe")
 
@@ -44,11 +49,26 @@ class ProbeRunner:
             tls=config.probe.tls,
         )
         self._producer = Producer(producer_config(config.kafka.librdkafka()))
+        # raw.v1 batches name their process's container/pod and a service call's backend pod.
+        k8s = config.kubernetes
+        self._tagger = ConnectionTagger(backends=BackendLookup(
+            k8s.service_cidrs, k8s.conntrack_netns) if k8s.service_cidrs else None)
         self.publisher = Publisher(
             producer=self._producer, topic=config.topic("raw.v1"), node=config.node_name,
             probe_id=self.probe_id, batch_max_events=config.probe.batch_max_events,
+            annotate=self._tagger.annotate,
         )
         self._listeners: dict[tuple[str, int], node.Listener] = {}
+        self._node_sampler = NodeSampler(top_n=config.probe.top_n)
+        self._node_samples = self._node_dropped = 0
+        # TCP health per connection (bpf/tcp.bpf.c), next to the L7 probe on its own timers.
+        self._tcp: TcpPublisher | None = None
+        if config.probe.tcp:
+            self._tcp = TcpPublisher(
+                TcpProbe(exclude_tgids=self._excluded), producer=self._producer,
+                topic=config.topic("tcp.v1"), node_name=config.node_name,
+                probe_id=self.probe_id, excluded=self._excluded,
+                snapshot_interval_s=config.probe.tcp_snapshot_s)
 
     def stop(self, *_: Any) -> None:
         self._stop.set()
@@ -56,13 +76,17 @@ class ProbeRunner:
     def run(self) -> None:
         cfg = self.config.probe
         self._kernel.start()
+        self._start_tcp()
         log.info("probe %s attached; publishing to %s on %s", self.probe_id,
                  self.config.topic("raw.v1"), self.config.kafka.bootstrap)
         flush_s = cfg.flush_interval_ms / 1000
         next_flush = next_excl = next_listen = next_health = next_tls = time.monotonic()
+        next_node = time.monotonic()
         try:
             while not self._stop.is_set():
                 self._drain()
+                if self._tcp is not None:
+                    self._tcp.poll()
                 self._stop.wait(cfg.poll_interval_ms / 1000)
                 now = time.monotonic()
                 if now >= next_flush:
@@ -80,11 +104,17 @@ class ProbeRunner:
                 if now >= next_health:
                     self._publish_health()
                     next_health = now + cfg.health_interval_s
+                if now >= next_node:
+                    self._publish_node()
+                    next_node = now + cfg.node_interval_s
         finally:
             self._drain()
             self.publisher.flush()
             self._publish_health()
             self._kernel.close()
+            self._tagger.close()
+            if self._tcp is not None:
+                self._tcp.close()  # its last intervals, then detach
             left = self._producer.flush(30)
             if left:
                 log.error("%d Kafka messages not acknowledged at exit", left)
@@ -95,6 +125,17 @@ class ProbeRunner:
             pub.open, pub.sealed, offset_ns=pub.clock_offset_ns(),
             max_events=pub.batch_max_events, max_bytes=pub.batch_max_bytes))
 
+    def _start_tcp(self) -> None:
+        """The TCP health probe is optional: a kernel that refuses it leaves the L7 probe
+        running (logged, and reported as tcp_probe_up = 0)."""
+        if self._tcp is None:
+            return
+        try:
+            self._tcp.start()
+        except ProbeError as exc:
+            log.error("tcp probe not started, running without TCP health: %s", exc)
+            self._tcp = None
+
     def _own_pids(self) -> set[int]:
         """kubesight's other processes (supervisor, worker, sink, broker), from pid files."""
         state = self.config.state_path
@@ -103,12 +144,17 @@ class ProbeRunner:
     def _refresh_exclusions(self) -> None:
         for tgid in self._own_pids() - self._excluded:
             self._kernel.exclude_tgid(tgid)
+            if self._tcp is not None:
+                self._tcp.exclude_tgid(tgid)
             self._excluded.add(tgid)
 
     def _publish_listeners(self) -> None:
         topic = self.config.topic("meta.v1")
         nodename = self.config.node_name
-        for lst in node.listeners():
+        found = node.listeners()
+        if self._tcp is not None:
+            self._tcp.learn_listeners(found)
+        for lst in found:
             key = (lst.addr, lst.port)
             if self._listeners.get(key) == lst:
                 continue
@@ -119,10 +165,33 @@ class ProbeRunner:
             self._producer.produce(topic, key=f"{nodename}/listen/{lst.addr}:{lst.port}",
                                    value=msgpack.packb(record))
 
+    def _publish_node(self) -> None:
+        """Node CPU, memory and top-N processes since the previous call (probe/cpu.py)."""
+        sample = self._node_sampler.sample()
+        if sample is None:
+            return  # the first call only sets the baseline
+        record = sample.to_record(self.config.node_name, self.probe_id)
+        try:
+            self._producer.produce(self.config.topic("node.v1"), key=self.config.node_name,
+                                   value=msgpack.packb(record))
+        except BufferError:  # librdkafka's queue is full (broker down for long): the next will do
+            self._node_dropped += 1
+            return
+        self._node_samples += 1
+
     def health(self) -> dict[str, int]:
         counters = {f"kernel_{k}": v for k, v in self._kernel.counters().items()}
         counters.update(self.publisher.stats())
         counters["tls_libraries_probed"] = len(self._kernel.tls_libraries)
+        if (backends := self._tagger.backends) is not None:
+            counters["conntrack_lookups"] = backends.lookups
+            counters["conntrack_backends_found"] = backends.found
+            counters["conntrack_errors"] = backends.errors
+        counters["node_samples"] = self._node_samples
+        counters["node_samples_dropped"] = self._node_dropped
+        if self._tcp is not None:
+            counters.update(self._tcp.stats())
+        counters["tcp_probe_up"] = int(self._tcp is not None)
         return {k: max(0, int(v)) for k, v in counters.items()}
 
     def _publish_health(self) -> None:

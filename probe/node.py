@@ -126,3 +126,70 @@ def read_pidfiles(run_dir: Path) -> set[int]:
         except (OSError, ValueError, IndexError):
             continue
     return pids
+
+
+class Conntrack(NamedTuple):
+    """The node's connection-tracking table: entries against the maximum, and why it dropped."""
+
+    entries: int
+    max: int
+    drop: int  # packets dropped: no entry could be made (table full)
+    early_drop: int  # entries evicted early to make room
+    insert_failed: int
+
+
+def conntrack(proc: Path = Path("/proc")) -> Conntrack | None:
+    """conntrack usage of this network namespace, or None when the kernel has no conntrack
+    (``nf_conntrack`` built in or loaded; the probe does not load modules). The per-CPU
+    statistics are summed; a kernel without ``/proc/net/stat/nf_conntrack`` reports 0 drops."""
+    try:
+        entries = int((proc / "sys/net/netfilter/nf_conntrack_count").read_text())
+        limit = int((proc / "sys/net/netfilter/nf_conntrack_max").read_text())
+    except (OSError, ValueError):
+        return None
+    totals: dict[str, int] = {}
+    try:
+        header, *rows = (proc / "net/stat/nf_conntrack").read_text().splitlines()
+    except (OSError, ValueError):
+        header, rows = "", []
+    names = header.split()
+    for row in rows:
+        for name, value in zip(names, row.split(), strict=False):
+            totals[name] = totals.get(name, 0) + int(value, 16)
+    return Conntrack(entries, limit, totals.get("drop", 0), totals.get("early_drop", 0),
+                     totals.get("insert_failed", 0))
+
+
+def sockets_of(tgids: set[int], proc: Path = Path("/proc")) -> set[tuple[str, int, str, int]]:
+    """(local addr, local port, remote addr, remote port) of every TCP socket these processes
+    hold, in this network namespace: how kubesight recognises its own connections that were
+    open before its probe started."""
+    inodes: set[int] = set()
+    for tgid in tgids:
+        fd_dir = proc / str(tgid) / "fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd_dir / fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    found: set[tuple[str, int, str, int]] = set()
+    if not inodes:
+        return found
+    for name in ("tcp", "tcp6"):
+        try:
+            lines = (proc / "net" / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or int(fields[9]) not in inodes:
+                continue
+            (laddr, lport), (raddr, rport) = (f.split(":") for f in fields[1:3])
+            found.add((_decode_addr(laddr), int(lport, 16), _decode_addr(raddr), int(rport, 16)))
+    return found

@@ -82,8 +82,11 @@ class Publisher:
     def __init__(self, *, producer: Producer, topic: str, node: str, probe_id: str,
                  batch_max_events: int = 512, batch_max_bytes: int = MAX_MESSAGE_BYTES,
                  overflow_max_batches: int = 100_000,
-                 clock: Callable[[], tuple[int, int]] | None = None) -> None:
+                 clock: Callable[[], tuple[int, int]] | None = None,
+                 annotate: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._producer = producer
+        # Adds the process's container id / pod UID to a batch's conn metadata (conntags.py).
+        self._annotate = annotate
         self._topic = topic
         self._node = node
         self._probe_id = probe_id
@@ -141,6 +144,8 @@ class Publisher:
     def _encode(self, batch: ConnectionBatch) -> tuple[bytes, bytes]:
         # The events are already msgpack (encoded in C on the hot path): splice them into the
         # map rather than decoding and re-encoding.
+        if self._annotate is not None:
+            self._annotate(batch.meta)
         value = b"".join((
             b"\x86", _V, _ONE, _NODE, msgpack.packb(self._node), _PROBE,
             msgpack.packb(self._probe_id), _SEQ, msgpack.packb(self._seq), _CONN,

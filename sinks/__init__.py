@@ -7,6 +7,8 @@ Every sink has the shape in :mod:`kubesight.sinks.base`; :data:`SINKS` lists the
 from .base import (
     SERIES_LABELS,
     HealthRecord,
+    NetworkRecord,
+    NodeRecord,
     SeriesLabels,
     Sink,
     SinkConfig,
@@ -23,6 +25,8 @@ __all__ = [
     "HealthRecord",
     "JsonLinesConfig",
     "JsonLinesSink",
+    "NetworkRecord",
+    "NodeRecord",
     "PrometheusConfig",
     "PrometheusSink",
     "SeriesLabels",

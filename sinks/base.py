@@ -3,8 +3,10 @@
 - a config class (a frozen ``SinkConfig`` dataclass) that rejects unknown keys and names the
   dotted key in every message: ``sinks.prometheus.listn: unknown key (did you mean 'listen'?)``;
 - a ``Sink`` with ``write(batch)``, ``write_health(batch)``, ``close()`` and ``healthcheck()``;
-- the records sinks receive: ``WindowRecord`` (golden signals, schema ``golden.v1``) and
-  ``HealthRecord`` (pipeline health counters, schema ``health.v1``), plain dicts.
+- the records sinks receive: ``WindowRecord`` (golden signals, schema ``golden.v1``),
+  ``HealthRecord`` (pipeline health counters, schema ``health.v1``), ``NodeRecord`` (node
+  CPU, memory and top-N processes, schema ``node.v1``) and ``NetworkRecord`` (TCP health
+  windows and conntrack usage, schema ``network.v1``), plain dicts.
 
 Sinks are listed in one place, ``kubesight.sinks.registry.SINKS``, and one compliance test runs
 over all of them.
@@ -22,8 +24,8 @@ from typing import Any, ClassVar, Generic, NotRequired, Self, TypedDict, TypeVar
 from kubesight.config import ConfigError, check_key, coerce_scalar
 
 __all__ = [
-    "SERIES_LABELS", "HealthRecord", "SeriesLabels", "Sink", "SinkConfig", "SinkConfigError",
-    "SinkHealth", "WindowRecord",
+    "SERIES_LABELS", "HealthRecord", "NetworkRecord", "NodeRecord", "SeriesLabels", "Sink",
+    "SinkConfig", "SinkConfigError", "SinkHealth", "WindowRecord",
 ]
 
 # The label set of every golden series, in exposition order (a contract: DESIGN.md).
@@ -72,6 +74,46 @@ class HealthRecord(TypedDict):
     instance: NotRequired[str]
     ts: float
     counters: dict[str, int]
+
+
+class NodeRecord(TypedDict):
+    """One probe sampling interval of a node: CPU per core, memory, top-N by CPU (node.v1)."""
+
+    v: NotRequired[int]
+    node: str
+    instance: str
+    ts: float  # unix seconds at the end of the interval
+    interval_s: float
+    cpu: dict[str, float]  # CPU number -> busy share 0..1
+    cpu_all: float
+    memory_bytes: dict[str, int]  # kind -> bytes
+    processes: int
+    scan_seconds: float
+    top: list[dict[str, Any]]  # rank, pid, comm, exe, cpu_cores, start_time, pod_uid, ...
+    pods: list[dict[str, Any]]  # rank, pod_uid, cpu_cores, processes
+
+
+class NetworkRecord(TypedDict):
+    """One ``network.v1`` record. ``kind`` edge or workload: one tumbling window of a network
+    series, a delta like ``WindowRecord`` (labels, window_start, window_seconds, counts, rtt
+    sketch, revision); ``kind`` conntrack: a node's latest conntrack usage (node, ts,
+    entries, max and cumulative drops)."""
+
+    v: NotRequired[int]
+    kind: str  # "edge", "workload" or "conntrack"
+    labels: NotRequired[dict[str, str]]
+    window_start: NotRequired[int]
+    window_seconds: NotRequired[int]
+    counts: NotRequired[dict[str, int]]  # opened, closed, failed_<kind>, retransmits, ...
+    rtt: NotRequired[dict[str, Any]]  # LatencySketch.to_wire() of the srtt samples, seconds
+    revision: NotRequired[int]
+    node: NotRequired[str]
+    ts: NotRequired[float]
+    entries: NotRequired[int]
+    max: NotRequired[int]
+    drop: NotRequired[int]
+    early_drop: NotRequired[int]
+    insert_failed: NotRequired[int]
 
 
 class SinkConfigError(ConfigError):
@@ -149,6 +191,12 @@ class Sink(abc.ABC, Generic[ConfigT]):
 
     def write_health(self, batch: Sequence[HealthRecord]) -> None:  # noqa: B027  # optional
         """Deliver pipeline health records; sinks that do not export health ignore them."""
+
+    def write_node(self, batch: Sequence[NodeRecord]) -> None:  # noqa: B027  # optional
+        """Deliver node CPU/memory/top-N samples; sinks that do not export them ignore them."""
+
+    def write_network(self, batch: Sequence[NetworkRecord]) -> None:  # noqa: B027  # optional
+        """Deliver network health windows and conntrack usage; others ignore them."""
 
     @abc.abstractmethod
     def close(self) -> None:

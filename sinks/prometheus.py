@@ -8,6 +8,11 @@ Window deltas turn into Prometheus semantics like this, per series:
   ``window_start`` seen for the series); later deltas of that same window merge into it, deltas
   of older windows do not touch it.
 
+Node CPU, memory and top-N processes (``node.v1``) are gauges of each node's latest sample;
+``/top`` serves them as JSON with a short time series per top process (``topn.py``).
+Network health (``network.v1``: ``kubesight_tcp_*``, ``kubesight_conntrack_*``) follows the
+same counter and latest-window rules (``network.py``).
+
 Writes come from a stream worker's event-loop thread and scrapes from HTTP server threads; one
 lock guards the state. Quantiles are computed at scrape time, only for series whose latest
 sketch changed since the previous scrape.
@@ -16,17 +21,31 @@ sketch changed since the previous scrape.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import socket
 import threading
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
 
 from kubesight.streams.sketch import LatencySketch
 
-from .base import SERIES_LABELS, HealthRecord, Sink, SinkConfig, SinkHealth, WindowRecord
+from .base import (
+    SERIES_LABELS,
+    HealthRecord,
+    NetworkRecord,
+    NodeRecord,
+    Sink,
+    SinkConfig,
+    SinkHealth,
+    WindowRecord,
+)
+from .network import NetworkView
+from .topn import HELP as NODE_HELP
+from .topn import NodeView
 
 __all__ = ["PrometheusConfig", "PrometheusSink", "SUMMARY_QUANTILES", "parse_listen"]
 
@@ -86,9 +105,11 @@ class PrometheusSink(Sink[PrometheusConfig]):
         self._health_ts: dict[tuple[str, str, str], float] = {}
         self._records = {  # (kind, outcome) -> count
             (kind, outcome): 0
-            for kind in ("window", "health")
+            for kind in ("window", "health", "node", "network")
             for outcome in ("written", "rejected")
         }
+        self._nodes = NodeView()  # node CPU, memory, top-N and their recent history
+        self._network = NetworkView()  # TCP health per edge and workload, conntrack usage
         self._closed = False
         host, port = parse_listen(config.listen)
         self._server = _server_class(host)((host, port), _handler_for(self))
@@ -162,6 +183,23 @@ class PrometheusSink(Sink[PrometheusConfig]):
             self._count("health", "written", len(rows))
             self._count("health", "rejected", rejected)
 
+    def write_network(self, batch: Sequence[NetworkRecord]) -> None:
+        with self._lock:
+            written, rejected = self._network.apply(batch)
+            self._count("network", "written", written)
+            self._count("network", "rejected", rejected)
+
+    def write_node(self, batch: Sequence[NodeRecord]) -> None:
+        with self._lock:
+            written, rejected = self._nodes.apply(batch)
+            self._count("node", "written", written)
+            self._count("node", "rejected", rejected)
+
+    def top_json(self, node: str | None = None) -> dict[str, Any]:
+        """What ``/top`` serves: per node, the latest top-N with each process's time series."""
+        with self._lock:
+            return self._nodes.to_json(node)
+
     def _count(self, kind: str, outcome: str, n: int) -> None:
         self._records[(kind, outcome)] += n
 
@@ -234,6 +272,18 @@ class PrometheusSink(Sink[PrometheusConfig]):
         for (component, node, instance), ts in sorted(self._health_ts.items()):
             lbl = _labels((("component", component), ("node", node), ("instance", instance)))
             yield f"{metric}{{{lbl}}} {_number(ts)}\n"
+
+        metric = ""
+        for name, pairs, value in self._nodes.samples():
+            if name != metric:
+                metric = name
+                yield from _header(metric, "gauge", NODE_HELP[metric])
+            yield f"{metric}{{{_labels(pairs)}}} {_number(value)}\n"
+
+        for family, kind, help_text, samples in self._network.families():
+            yield from _header(family, kind, help_text)
+            for suffix, net_pairs, value in samples:
+                yield f"{family}{suffix}{{{_labels(net_pairs)}}} {_number(value)}\n"
 
         metric = "kubesight_sink_records_total"
         yield from _header(metric, "counter", "Records this sink received, by kind and outcome.")
@@ -311,12 +361,17 @@ def _handler_for(sink: PrometheusSink) -> type[BaseHTTPRequestHandler]:
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 self._reply(200, CONTENT_TYPE, sink.render())
+            elif path == "/top":
+                query = urllib.parse.parse_qs(self.path.partition("?")[2])
+                node = query.get("node", [None])[0]
+                self._reply(200, "application/json", json.dumps(sink.top_json(node)) + "\n")
             elif path == "/healthz":
                 health = sink.healthcheck()
                 self._reply(200 if health.ok else 503, "text/plain; charset=utf-8",
                             f"{'ok' if health.ok else 'unhealthy'}: {health.detail}\n")
             else:
-                self._reply(404, "text/plain; charset=utf-8", "try /metrics or /healthz\n")
+                self._reply(404, "text/plain; charset=utf-8",
+                            "try /metrics, /top or /healthz\n")
 
         def _reply(self, status: int, content_type: str, body: str) -> None:
             data = body.encode()

@@ -1,4 +1,5 @@
-"""``kubesight sink``: read golden windows and health from Kafka, fan them out to every sink.
+"""``kubesight sink``: read golden windows, health, node samples and network health from
+Kafka, fan them out to every sink.
 
 At least once, never silently lossy: offsets are committed only after every sink accepted
 the batch. A sink that fails keeps the batch; it is retried with backoff (the consumer is
@@ -23,7 +24,7 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from kubesight.config import Config
 from kubesight.process import run_component
 
-from .base import HealthRecord, WindowRecord
+from .base import HealthRecord, NetworkRecord, NodeRecord, WindowRecord
 from .registry import build_sinks
 
 log = logging.getLogger("kubesight.sink")
@@ -46,7 +47,9 @@ class SinkRunner:
         })
         self._golden = config.topic("golden.v1")
         self._health = config.topic("health.v1")
-        self._consumer.subscribe([self._golden, self._health])
+        self._node = config.topic("node.v1")  # straight from the probes: no worker step
+        self._network = config.topic("network.v1")  # TCP health windows, conntrack usage
+        self._consumer.subscribe([self._golden, self._health, self._node, self._network])
         # Reads the workers' committed offsets; never joins their group.
         self._lag_probe = Consumer({**base, "group.id": config.streams.app_id,
                                     "enable.auto.commit": False})
@@ -74,6 +77,8 @@ class SinkRunner:
     def _deliver(self, msgs: list[Any]) -> None:
         windows: list[WindowRecord] = []
         health: list[HealthRecord] = []
+        nodes: list[NodeRecord] = []
+        network: list[NetworkRecord] = []
         for m in msgs:
             if m.error():
                 self.counters["kafka_errors"] += 1
@@ -84,8 +89,16 @@ class SinkRunner:
             except (ValueError, msgpack.UnpackException):
                 self.counters["undecodable_records"] += 1
                 continue
+            if m.topic() == self._node:
+                nodes.append(record)
+                continue
+            if m.topic() == self._network:
+                network.append(record)
+                continue
             (windows if m.topic() == self._golden else health).append(record)
         self.counters["windows_in"] += len(windows)
+        self.counters["node_samples_in"] += len(nodes)
+        self.counters["network_records_in"] += len(network)
         backoff = 0.5
         pending = list(self.sinks)  # a sink that accepted the batch is not given it again
         while pending and not self._stop.is_set():
@@ -95,6 +108,10 @@ class SinkRunner:
                         sink.write(windows)
                     if health:
                         sink.write_health(health)
+                    if nodes:
+                        sink.write_node(nodes)
+                    if network:
+                        sink.write_network(network)
                     pending.remove(sink)
                 except Exception as exc:  # any sink failure: keep the batch, retry later
                     self.counters["sink_write_failures"] += 1

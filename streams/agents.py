@@ -27,12 +27,18 @@ from .app import (
     golden_topic,
     health_topic,
     meta_topic,
+    netseries_topic,
+    network_table,
+    network_topic,
     raw_topic,
     requests_topic,
     series_topic,
+    tcp_topic,
     windows_table,
 )
 from .golden import Window, WindowStore
+from .identity import IdentityTable
+from .network import MalformedNetworkBatch, NetworkAggregator, NetworkWindow, NetworkWindowStore
 from .protocols import ParserOptions
 from .reassembly import MalformedBatch, Reassembler
 
@@ -43,13 +49,18 @@ OFFSET_PREFIX = b"\x00offset/"
 HEALTH_INTERVAL_S = 5.0
 INSTANCE = f"{int(time.time())}-{os.getpid()}"
 
+identity = IdentityTable()  # fed by follow_k8s_identity, read by the reassembler
 reassembler = Reassembler(
     window_seconds=config.streams.window_seconds,
     slow_threshold_ns=config.streams.slow_threshold_ns,
     options=ParserOptions(mask_sql_literals=config.streams.mask_sql_literals,
-                          max_query_chars=config.streams.max_query_chars))
+                          max_query_chars=config.streams.max_query_chars),
+    identity=identity)
 store = WindowStore(window_seconds=config.streams.window_seconds,
                     grace_seconds=config.streams.grace_seconds)
+network = NetworkAggregator(window_seconds=config.streams.window_seconds)
+network_store = NetworkWindowStore(window_seconds=config.streams.window_seconds,
+                                   grace_seconds=config.streams.grace_seconds)
 counters = collections.Counter[str]()
 _raw_seen: dict[int, int] = {}  # partition → highest raw.v1 offset processed
 _series_seen: dict[int, int] = {}
@@ -123,8 +134,58 @@ async def learn_listeners(stream: Any) -> None:
             record = _unpack(event.value)
             if record.get("kind") == "listener":
                 reassembler.on_listener(record)
+                network.on_listener(record)
         except (MalformedBatch, KeyError, TypeError, ValueError, AttributeError) as exc:
             await _dead_letter(event, f"malformed meta record: {exc}")
+
+
+def _k8s_consumer() -> Any:
+    """A consumer of every k8s.v1 partition from its start, outside any consumer group."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    topic = config.topic("k8s.v1")
+    consumer = Consumer({**config.kafka.librdkafka(), "group.id": f"{config.streams.app_id}-k8s",
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    if not partitions:
+        consumer.close()
+        raise LookupError(f"topic {topic} has no partitions (yet)")
+    consumer.assign([TopicPartition(topic, p, -2) for p in sorted(partitions)])  # -2: beginning
+    return consumer
+
+
+@app.task  # type: ignore[untyped-decorator]
+async def follow_k8s_identity() -> None:
+    """Feed the identity table from k8s.v1, every partition from its start, on every worker.
+
+    Not an agent: an agent is a consumer-group member, so each worker would see only its
+    share of the pods, and a restarted worker would resume after its committed offset with an
+    empty table. The compacted topic is small (one record per object) and read whole, by
+    librdkafka in a thread so the event loop never blocks on it.
+    """
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    consumer = None
+    while consumer is None:
+        try:
+            consumer = await loop.run_in_executor(None, _k8s_consumer)
+        except Exception as exc:  # noqa: BLE001 - no broker or topic yet: try again
+            log.warning("k8s.v1 not readable yet (%s); retrying", exc)
+            await asyncio.sleep(2.0)
+    # Never closed: a consume() may still run in its thread when the worker stops, and the
+    # consumer holds no group membership or offsets that closing would hand back.
+    while True:
+        messages = await loop.run_in_executor(None, consumer.consume, 2000, 1.0)
+        for msg in messages:
+            if msg.error():
+                continue
+            try:
+                key, value = msg.key(), msg.value()
+                identity.apply(key.decode() if key else "",
+                               None if value is None else msgpack.unpackb(value))
+            except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException):
+                counters["k8s_malformed"] += 1
 
 
 def _restore_windows() -> None:
@@ -194,10 +255,96 @@ async def expire_idle_connections() -> None:
     await _send_deferred_and_partials()
 
 
+# --- network health: tcp.v1 → netseries.v1 → network windows → network.v1 ---------------------
+
+_tcp_seen: dict[int, int] = {}  # partition → highest tcp.v1 offset processed
+_netseries_seen: dict[int, int] = {}
+_network_restored = False
+
+
+@app.agent(tcp_topic, name="network")
+async def network_intervals(stream: Any) -> None:
+    take = config.streams.take_max
+    within = config.streams.take_within_s
+    async for events in stream.take_events(take, within=within):
+        for event in events:
+            msg = event.message
+            if msg.offset <= _tcp_seen.get(msg.partition, -1):
+                counters["tcp_duplicates_skipped"] += 1
+                continue
+            _tcp_seen[msg.partition] = msg.offset
+            try:
+                batch = _unpack(msg.value)
+                if not isinstance(batch, dict) or batch.get("v") != 1:
+                    raise MalformedNetworkBatch("not a tcp.v1 batch (missing v=1)")
+                conntrack = network.on_batch(batch)
+            except (MalformedBatch, MalformedNetworkBatch) as exc:
+                await _dead_letter(event, f"malformed tcp batch: {exc}")
+                continue
+            if conntrack is not None:
+                await network_topic.send(key=f"{conntrack['node']}/conntrack".encode(),
+                                         value=msgpack.packb(conntrack))
+        for skey, message in network.take_partials():
+            await netseries_topic.send(key=skey, value=msgpack.packb(message))
+
+
+def _restore_network_windows() -> None:
+    """Rebuild open network windows and offsets from the changelog-recovered table, once."""
+    global _network_restored
+    if _network_restored:
+        return
+    _network_restored = True
+    for key, value in list(network_table.items()):
+        if value is None:
+            continue
+        if key.startswith(OFFSET_PREFIX):
+            _netseries_seen[int(key[len(OFFSET_PREFIX):])] = int(value)
+        else:
+            network_store.open[key] = NetworkWindow.from_state(msgpack.unpackb(value, raw=False))
+
+
+@app.agent(netseries_topic, name="network_windows")
+async def network_windows(stream: Any) -> None:
+    async for event in stream.events():
+        _restore_network_windows()
+        msg = event.message
+        if msg.key == TICK:
+            for key, win in network_store.due(msg.partition):
+                await network_topic.send(key=key.rsplit(b"\x1e", 1)[0], value=msgpack.packb(
+                    win.to_record(network_store.window_seconds)))
+                counters["network_windows_emitted"] += 1
+                with contextlib.suppress(KeyError):
+                    del network_table[key]
+            continue
+        if msg.offset <= _netseries_seen.get(msg.partition, -1):
+            counters["netseries_duplicates_skipped"] += 1
+            continue
+        _netseries_seen[msg.partition] = msg.offset
+        try:
+            changed = network_store.merge(msg.key, _unpack(msg.value), msg.partition)
+        except (MalformedBatch, KeyError, TypeError, ValueError) as exc:
+            await _dead_letter(event, f"malformed netseries record: {exc}")
+            continue
+        for key in changed:
+            network_table[key] = msgpack.packb(network_store.open[key].to_state())
+        network_table[OFFSET_PREFIX + str(msg.partition).encode()] = str(msg.offset).encode()
+
+
+@app.timer(interval=1.0)  # type: ignore[untyped-decorator]
+async def network_tick() -> None:
+    """Let every netseries partition close its due windows, even when no traffic flows."""
+    for partition in range(config.kafka.partitions):
+        await netseries_topic.send(key=TICK, value=b"", partition=partition)
+
+
 def worker_counters() -> dict[str, int]:
     out = collections.Counter(reassembler.parser_counters())
+    out.update(network.counters)
+    out["open_network_windows"] = len(network_store.open)
     out.update(counters)
     out["open_connections"] = len(reassembler.connections)
+    out["k8s_records"] = identity.applied
+    out["k8s_objects"] = len(identity)
     out["open_windows"] = len(store.open)
     out["late_partials"] = store.late_partials
     return {k: max(0, int(v)) for k, v in out.items()}

@@ -5,10 +5,20 @@ The whole data path, in one place (agents live in ``agents.py``):
     topic             agent            state                         writes to
     ───────────────── ──────────────── ───────────────────────────── ─────────────────────────
     raw.v1            reassemble       live parsers, per connection  requests.v1, series.v1
-    meta.v1           learn_listeners  listener → workload           (in memory)
+    meta.v1           learn_listeners  listener → workload           (in memory, both users)
+    k8s.v1            follow_k8s_      pod IP, container id, cluster (in memory; reassemble
+    (all partitions,  identity (a      IP → pod, service              names both ends of a
+     every worker)    task)            (streams/identity.py)          request with it)
     series.v1         golden           windows table (changelog)     golden.v1
     (timer, 1 s)      tick             -                             series.v1 (1 tick/partition)
+    tcp.v1            network          listener names (in memory)    netseries.v1; network.v1
+                                                                     (the node's conntrack usage)
+    netseries.v1      network_windows  network table (changelog)     network.v1
+    (timer, 1 s)      network_tick     -                             netseries.v1 (1 tick/partition)
     golden.v1 + health.v1 are read by ``kubesight sink`` (sinks/runner.py), fanned out to sinks.
+    network.v1 is read by ``kubesight sink`` too: kubesight_tcp_* and kubesight_conntrack_*.
+    node.v1 (node CPU, memory, top-N from the probe's /proc sampling) goes straight to the sink:
+    it needs no stream processing.
 
 ``series.v1`` is the repartition step: the reassembler pre-aggregates each batch per
 (series, window) and sends the partials keyed by series, so the windows table is keyed like
@@ -87,9 +97,20 @@ golden_topic = _topic("golden.v1")
 meta_topic = _topic("meta.v1")
 health_topic = _topic("health.v1")
 deadletter_topic = _topic("deadletter.v1")
+tcp_topic = _topic("tcp.v1")
+netseries_topic = _topic("netseries.v1")
+network_topic = _topic("network.v1")
 
 windows_table = app.Table(
     "golden-windows", partitions=config.kafka.partitions, default=None,
+    schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
+                        value_serializer="raw"),
+)
+
+
+# Network windows (streams/network.py), mirrored like the golden windows.
+network_table = app.Table(
+    "network-windows", partitions=config.kafka.partitions, default=None,
     schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
                         value_serializer="raw"),
 )

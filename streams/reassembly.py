@@ -4,12 +4,17 @@ Plain Python on plain data, no Faust here: the agent in ``agents.py`` feeds deco
 to a ``Reassembler`` and ships what it returns. Keeping the logic free of Kafka makes it
 testable with captured bytes and lets the benchmark measure it alone.
 
-Naming the two ends of a request (bare host; Kubernetes identity replaces this later):
-- the side that observed it is named by its own process (``comm``);
-- a client's peer is named by the process that listens on the address it connected to
-  (listeners come from the probe's /proc scan on ``meta.v1`` and from accepted connections);
-- a server's peer is named by the client process whose socket has the mirrored 4-tuple, when
-  that client runs on a node we observe; otherwise both fall back to the peer's IP.
+Naming the two ends of a request, each as (namespace, workload, pod):
+- in Kubernetes (``identity``, fed by ``k8s.v1``): the side that observed it is the pod of its
+  process's container (when the probe says which) or of its local address; a peer is the pod
+  that has its IP; a client's peer at a service's cluster IP:port is the backend pod conntrack
+  sent the call to (the probe asks), else the one workload behind the service, else the
+  service itself;
+- otherwise (bare host) the observing side is its own process (``comm``); a client's peer is
+  the process that listens on the address it connected to (listeners come from the probe's
+  /proc scan on ``meta.v1`` and from accepted connections); a server's peer is the client
+  process whose socket has the mirrored 4-tuple, when that client runs on a node we observe;
+  otherwise both fall back to the peer's IP.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .identity import IdentityTable
 from .protocols import ParserOptions, Sniffer
 from .record import Request
 from .sketch import LatencySketch
@@ -34,6 +40,9 @@ IDLE_CONNECTION_S = 600.0
 IDLE_UDP_FLOW_S = 60.0  # a server's UDP flows are never closed by the kernel: forget sooner
 MAX_PEERS = 200_000
 DEFER_S = 3.0  # how long a same-node call waits for its peer's name
+
+# (namespace, workload, pod): on a bare host ("", process or address, "")
+Party = tuple[str, str, str]
 
 SERIES_LABELS = ("side", "protocol", "src_namespace", "src_workload", "dst_namespace",
                  "dst_workload", "endpoint", "status")
@@ -57,6 +66,9 @@ class _Connection:
     last_seen: float
     transport: str = "tcp"
     tls: bool = False  # events are plaintext from the TLS library
+    container_id: str = ""  # of the process, when the probe knows it (cgroup)
+    pod_uid: str = ""
+    backend_addr: str = ""  # a call to a cluster IP: the pod conntrack sent it to
 
 
 class WindowPartial:
@@ -106,8 +118,10 @@ class Reassembler:
 
     def __init__(self, *, window_seconds: int, slow_threshold_ns: Callable[[str], int],
                  clock: Callable[[], float] = time.monotonic,
-                 options: ParserOptions | None = None) -> None:
+                 options: ParserOptions | None = None,
+                 identity: IdentityTable | None = None) -> None:
         self.window_seconds = window_seconds
+        self.identity = identity
         self.options = options or ParserOptions()
         self._slow_ns = slow_threshold_ns
         self._clock = clock
@@ -185,7 +199,10 @@ class Reassembler:
                 key=key, node=node, tgid=int(meta["tgid"]), comm=str(meta["comm"]),
                 laddr=str(meta["laddr"]), lport=int(meta["lport"]), raddr=str(meta["raddr"]),
                 rport=int(meta["rport"]), parser=Sniffer(role, self.options),
-                last_seen=self._clock(), transport=str(meta.get("transport", "tcp")))
+                last_seen=self._clock(), transport=str(meta.get("transport", "tcp")),
+                container_id=str(meta.get("container_id") or ""),
+                pod_uid=str(meta.get("pod_uid") or ""),
+                backend_addr=str(meta.get("backend_addr") or ""))
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedBatch(f"bad conn metadata: {exc}") from exc
         self.connections[key] = conn
@@ -222,8 +239,38 @@ class Reassembler:
         return out
 
     # -- records and series -----------------------------------------------------------------
-    def _names(self, conn: _Connection, req: Request, final: bool) -> tuple[str, str] | None:
-        """(src, dst) workload names, or None to wait for the peer of a same-node call.
+    def _local(self, conn: _Connection) -> Party:
+        """The side that observed the connection."""
+        ident = self.identity
+        if ident is not None:
+            pod = (ident.pod_for_container(conn.container_id) or ident.pod_for_uid(conn.pod_uid)
+                   or (None if conn.laddr in LOOPBACK else ident.pod_for_ip(conn.laddr)))
+            if pod is not None:
+                return pod.namespace, pod.workload, pod.pod
+        return "", conn.comm, ""
+
+    def _remote_pod(self, addr: str) -> Party | None:
+        pod = self.identity.pod_for_ip(addr) if self.identity is not None else None
+        return (pod.namespace, pod.workload, pod.pod) if pod is not None else None
+
+    def _remote_server(self, conn: _Connection) -> Party | None:
+        """The server a client called: the pod behind a service, the service's workload, a
+        pod, or a local listener."""
+        if self.identity is not None:
+            if conn.backend_addr and (pod := self._remote_pod(conn.backend_addr)) is not None:
+                return pod
+            svc = self.identity.service_for(conn.raddr, conn.rport)
+            if svc is not None:
+                ns, workload = self.identity.service_workload(svc) or (svc.namespace, svc.name)
+                return ns, workload, ""
+            if (pod := self._remote_pod(conn.raddr)) is not None:
+                return pod
+        listener = self._listener_workload(conn.node, conn.raddr, conn.rport)
+        return ("", listener, "") if listener is not None else None
+
+    def _names(self, conn: _Connection, req: Request, final: bool
+               ) -> tuple[Party, Party] | None:
+        """(src, dst) parties, or None to wait for the peer of a same-node call.
 
         A call between two processes of one node is seen from both ends at about the same
         time, but on different partitions: the caller's record may be processed before the
@@ -232,14 +279,17 @@ class Reassembler:
         """
         same_node = conn.raddr in LOOPBACK or conn.raddr == conn.laddr
         if req.side == "client":
-            dst = self._listener_workload(conn.node, conn.raddr, conn.rport)
+            dst = self._remote_server(conn)
             if dst is None and same_node and not final:
                 return None
-            return conn.comm, dst or peer_name(conn.raddr)
-        src = self._client_sockets.get((conn.raddr, conn.rport, conn.laddr, conn.lport))
-        if src is None and same_node and not final:
-            return None
-        return src or peer_name(conn.raddr), conn.comm
+            return self._local(conn), dst or ("", peer_name(conn.raddr), "")
+        src = self._remote_pod(conn.raddr)
+        if src is None:
+            comm = self._client_sockets.get((conn.raddr, conn.rport, conn.laddr, conn.lport))
+            if comm is None and same_node and not final:
+                return None
+            src = ("", comm or peer_name(conn.raddr), "")
+        return src, self._local(conn)
 
     def _record(self, conn: _Connection, req: Request) -> dict[str, Any] | None:
         names = self._names(conn, req, final=False)
@@ -275,7 +325,7 @@ class Reassembler:
         self._deferred = waiting
         return out
 
-    def _build(self, conn: _Connection, req: Request, src: str, dst: str) -> dict[str, Any]:
+    def _build(self, conn: _Connection, req: Request, src: Party, dst: Party) -> dict[str, Any]:
         latency_ns = max(0, req.end_ns - req.start_ns)
         slow = latency_ns > self._slow_ns(req.protocol)
         record = {
@@ -284,15 +334,17 @@ class Reassembler:
             "error": req.error, "slow": slow, "start_ns": req.start_ns, "end_ns": req.end_ns,
             "request_bytes": req.request_bytes, "response_bytes": req.response_bytes,
             "complete": req.complete, "query": req.query, "tls": conn.tls,
-            "src_namespace": "", "src_workload": src,
-            "dst_namespace": "", "dst_workload": dst, "pid": conn.tgid,
+            "src_namespace": src[0], "src_workload": src[1], "src_pod": src[2],
+            "dst_namespace": dst[0], "dst_workload": dst[1], "dst_pod": dst[2],
+            "pid": conn.tgid,
         }
         self._aggregate(record, latency_ns)
         return record
 
     def _aggregate(self, record: dict[str, Any], latency_ns: int) -> None:
-        labels = (record["side"], record["protocol"], "", record["src_workload"], "",
-                  record["dst_workload"], record["endpoint"], record["status"])
+        labels = (record["side"], record["protocol"], record["src_namespace"],
+                  record["src_workload"], record["dst_namespace"], record["dst_workload"],
+                  record["endpoint"], record["status"])
         window = self.window_seconds
         start = (record["end_ns"] // 1_000_000_000) // window * window
         per_window = self._partials.get(labels)

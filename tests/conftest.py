@@ -145,3 +145,20 @@ def local_broker_factory(tmp_path_factory: pytest.TempPathFactory
             errors.append(exc)
     if errors:
         raise errors[0]
+
+
+@pytest.fixture(scope="session")
+def kube_apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real etcd + kube-apiserver on loopback for the session (tests/k8s_fixture.py);
+    skips, saying why, when `make apiserver` has not built the binary or etcd is missing."""
+    from tests.k8s_fixture import KubeAPIServer, missing_reason
+
+    reason = missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    server = KubeAPIServer(tmp_path_factory.mktemp("kube-apiserver"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

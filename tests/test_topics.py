@@ -15,10 +15,11 @@ from kubesight.topics import TOPICS, TopicError, ensure_topics
 
 def test_catalogue() -> None:
     names = [t.name for t in TOPICS]
-    assert names == ["raw.v1", "requests.v1", "series.v1", "golden.v1", "meta.v1",
-                     "health.v1", "deadletter.v1"]
+    assert names[:7] == ["raw.v1", "requests.v1", "series.v1", "golden.v1", "meta.v1",
+                         "health.v1", "deadletter.v1"]
+    assert "node.v1" in names
     assert len(set(names)) == len(names)
-    assert [t.name for t in TOPICS if t.compacted] == ["meta.v1"]
+    assert [t.name for t in TOPICS if t.compacted] == ["meta.v1", "k8s.v1"]
     for t in TOPICS:
         assert t.key and t.description
         assert (REPO_ROOT / "schemas" / f"{t.schema}.json").exists(), t.schema
@@ -51,7 +52,8 @@ def test_ensure_topics_creates_all_then_is_a_noop(kubesight_config: Config) -> N
     assert sorted(created) == sorted(full)
     assert topics.describe(config) == {n: 3 for n in full}
     policies = _cleanup_policies(config, full)
-    assert policies == {n: ("compact" if n.endswith("meta.v1") else "delete") for n in full}
+    compacted = ("meta.v1", "k8s.v1")
+    assert policies == {n: ("compact" if n.endswith(compacted) else "delete") for n in full}
 
     assert ensure_topics(config) == []  # second call: nothing to do
     assert topics.describe(config) == {n: 3 for n in full}

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubesight.sinks import SINKS, HealthRecord, SinkConfigError
+from kubesight.sinks import SINKS, HealthRecord, NetworkRecord, NodeRecord, SinkConfigError
+from kubesight.streams.sketch import LatencySketch
 
 from . import series, window_record
 
@@ -41,12 +42,33 @@ def test_sink_compliance(name: str, tmp_path: Path) -> None:
     health: list[HealthRecord] = [
         {"component": "probe", "node": "n1", "ts": 1.0, "counters": {"ringbuf_drops": 0}},
     ]
+    nodes: list[NodeRecord] = [
+        {"node": "n1", "instance": "p1", "ts": 1.0, "interval_s": 5.0, "cpu": {"0": 0.5},
+         "cpu_all": 0.5, "memory_bytes": {"total": 2, "available": 1, "used": 1, "free": 1},
+         "processes": 1, "scan_seconds": 0.001, "top": [], "pods": []},
+    ]
+    network: list[NetworkRecord] = [
+        {"v": 1, "kind": "conntrack", "node": "n1", "ts": 1.0, "entries": 3, "max": 10,
+         "drop": 0, "early_drop": 0, "insert_failed": 0},
+        {"v": 1, "kind": "workload", "labels": {"node": "n1", "side": "client",
+                                                "namespace": "", "workload": "curl"},
+         "window_start": 1_700_000_000, "window_seconds": 10, "revision": 0,
+         "counts": dict.fromkeys(("opened", "closed", "failed_refused", "failed_timeout",
+                                  "failed_unreachable", "retransmits", "resets_sent",
+                                  "resets_received", "bytes_sent", "bytes_received",
+                                  "rtt_sum_us"), 1),
+         "rtt": LatencySketch.of([1e-6]).to_wire()},
+    ]
     sink = sink_class(sink_class.config_class.from_mapping(TEST_CONFIGS[name](tmp_path)))
     try:
         sink.write(batch)
         sink.write([])
         sink.write_health(health)
         sink.write_health([])
+        sink.write_node(nodes)
+        sink.write_node([])
+        sink.write_network(network)
+        sink.write_network([])
         health_now = sink.healthcheck()
         assert health_now.ok, health_now.detail
     finally:
