@@ -126,7 +126,7 @@ struct ks_group {
 	uint32_t data_off;	/* this group's encoded events in `data` */
 	uint32_t data_len;
 	uint32_t flags;		/* l7_event.flags of the group's events, or-ed (TLS) */
-	uint32_t _pad;
+	uint32_t last;		/* offset in `in` of the group's latest record (TCP health) */
 };
 
 #define KS_SLOTS 8192		/* open-addressing table: conn_id -> open group */
@@ -208,12 +208,12 @@ long ks_group(const uint8_t *in, size_t used, int64_t offset_ns, uint32_t max_ev
 			g->nevents = 0;
 			g->data_len = 0;
 			g->flags = 0;
-			g->_pad = 0;
 			slot_group[h] = (int32_t)ngroups++;
 			slot_key[h] = ev->conn_id;
 		}
 		g->nevents++;
 		g->flags |= ev->flags;
+		g->last = (uint32_t)off;
 		g->data_len += (uint32_t)len;
 		rec_group[i] = (uint32_t)(g - groups);
 		off += 4 + *(const uint32_t *)(in + off);

@@ -394,6 +394,23 @@ static __always_inline void process_comm(char *dst)
 	bpf_probe_read_kernel(dst, L7_COMM_LEN, leader->comm);
 }
 
+/* The TCP connection's health as of this event: each request knows the RTT and the
+ * retransmits of the connection it travelled on. */
+static __always_inline void tcp_health(struct l7_event *ev, __u64 sk)
+{
+#ifndef L7_COMPAT
+	struct tcp_sock *tp = bpf_rdonly_cast((void *)sk, bpf_core_type_id_kernel(struct tcp_sock));
+
+	ev->srtt_us = tp->srtt_us >> 3;	/* kept <<3 in the kernel */
+	ev->retrans = tp->total_retrans;
+#else
+	struct tcp_sock *tp = (struct tcp_sock *)sk;
+
+	ev->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
+	ev->retrans = BPF_CORE_READ(tp, total_retrans);
+#endif
+}
+
 static __always_inline struct l7_event *event_start(enum l7_kind kind, const struct l7_conn *conn,
 						     int fd, __s64 size, __u64 pid_tgid, __u64 ts_ns)
 {
@@ -417,6 +434,8 @@ static __always_inline struct l7_event *event_start(enum l7_kind kind, const str
 	ev->size = size;
 	ev->cap_len = 0;
 	ev->flags = 0;
+	ev->srtt_us = 0;
+	ev->retrans = 0;
 	__builtin_memcpy(ev->laddr, conn->laddr, L7_ADDR_LEN);
 	__builtin_memcpy(ev->raddr, conn->raddr, L7_ADDR_LEN);
 	process_comm(ev->comm);
@@ -721,6 +740,7 @@ static __always_inline int on_data_exit(long ret)
 	ev = event_start(args.kind, conn, args.fd, ret, id, ts);
 	if (!ev)
 		return 0;
+	tcp_health(ev, args.sk);
 	sent = dead ? (args.iovcnt ? L7_CAPTURE_MAX : args.len) : (__u64)ret;
 	got = copy_message(ev, args.buf, args.iovcnt, sent);
 	if (!conn->seen) {
@@ -797,6 +817,7 @@ static __always_inline int tls_exit(long ret, bool ex)
 	if (!ev)
 		return 0;
 	ev->flags = L7_FLAG_TLS;
+	tcp_health(ev, call.sk);
 	got = copy_message(ev, call.buf, 0, moved);
 	event_submit(ev, got);
 	return 0;
@@ -870,9 +891,33 @@ static __always_inline int on_accept_exit(long ret)
 		return 0;
 	conn_new(&conn, sk, L7_ROLE_SERVER);
 	ev = event_start(L7_ACCEPT, &conn, ret, ret, id, bpf_ktime_get_ns());
-	if (ev)
+	if (ev) {
+		tcp_health(ev, (__u64)sk);	/* the handshake gave the first RTT sample */
 		event_submit(ev, 0);
+	}
 	return 0;
+}
+
+/* Kernels before 6.13 count a file's references in f_count (atomic_long_t). */
+struct file___f_count {
+	atomic_long_t f_count;
+} __attribute__((preserve_access_index));
+
+/* Whether another fd (another process after fork, or a dup) still holds this fd's file: then
+ * close() does not end the connection, the last close does. */
+static __always_inline bool file_shared(int fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *file = NULL;
+
+	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
+	if (!file)
+		return false;
+	if (bpf_core_field_exists(file->f_ref))	/* file_ref_t: references - 1 */
+		return BPF_CORE_READ(file, f_ref.refcnt.counter) > 0;
+	return BPF_CORE_READ((struct file___f_count *)file, f_count.counter) > 1;
 }
 
 /* Emitted at entry: whether close() succeeds does not matter, the fd is gone either way. */
@@ -911,9 +956,13 @@ static __always_inline int on_close_enter(int fd)
 	conn = bpf_map_lookup_elem(&conns, &key);
 	if (!conn)
 		return 0;	/* never saw data on it: nothing to close downstream */
+	if (file_shared(fd))
+		return 0;	/* a forked child (prefork servers) still serves it */
 	ev = event_start(L7_CLOSE, conn, fd, 0, id, bpf_ktime_get_ns());
-	if (ev)
+	if (ev) {
+		tcp_health(ev, key);	/* the batch's last word on the connection's health */
 		event_submit(ev, 0);
+	}
 	bpf_map_delete_elem(&conns, &key);
 	return 0;
 }

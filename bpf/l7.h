@@ -70,6 +70,8 @@ struct l7_event {
 	__s64 size;		/* syscall return: bytes transferred (-EPIPE/-ECONNRESET: send failed) */
 	__u32 cap_len;		/* bytes of payload[] that follow the header */
 	__u32 flags;		/* enum l7_flag bits */
+	__u32 srtt_us;		/* TCP data: the connection's smoothed RTT when the event was made */
+	__u32 retrans;		/* TCP data: segments it has retransmitted so far (total_retrans) */
 	__u8  laddr[L7_ADDR_LEN];	/* IPv4 in the first 4 bytes, or IPv6 */
 	__u8  raddr[L7_ADDR_LEN];
 	char  comm[L7_COMM_LEN];

@@ -199,9 +199,19 @@ class JsonLinesSinkConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TopologySinkConfig:
+    enabled: bool = True
+    idle_seconds: float = 300.0
+    retention_seconds: float = 900.0
+    publish_interval_s: float = 10.0
+    publish_window_s: float = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
 class SinksConfig:
     prometheus: PrometheusSinkConfig = dataclasses.field(default_factory=PrometheusSinkConfig)
     jsonl: JsonLinesSinkConfig = dataclasses.field(default_factory=JsonLinesSinkConfig)
+    topology: TopologySinkConfig = dataclasses.field(default_factory=TopologySinkConfig)
 
 
 @dataclasses.dataclass(frozen=True)

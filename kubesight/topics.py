@@ -93,6 +93,12 @@ TOPICS: tuple[TopicSpec, ...] = (
         "closed, connect failures by kind, resets, retransmits, bytes, an RTT sketch), and "
         "node conntrack usage.",
         False, "network.v1"),
+    TopicSpec(
+        "topology.v1", "edge (src -> dst [protocol])",
+        "The live service map at workload level, kept by the topology sink: per edge, "
+        "requests, errors, slow, latency P50-P99 per observing side and the pair's TCP "
+        "signals over the last minute; a quiet edge ages out as a tombstone.",
+        True, "topology.v1"),
 )
 
 _BY_NAME = {t.name: t for t in TOPICS}

@@ -146,6 +146,8 @@ class L7EventHeader(ctypes.Structure):
         ("size", ctypes.c_int64),
         ("cap_len", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
+        ("srtt_us", ctypes.c_uint32),
+        ("retrans", ctypes.c_uint32),
         ("laddr", ctypes.c_uint8 * 16),
         ("raddr", ctypes.c_uint8 * 16),
         ("comm", ctypes.c_char * 16),
@@ -195,6 +197,9 @@ HEADER = struct.Struct(struct_format(L7EventHeader))
 _RECORD = struct.Struct("<I" + struct_format(
     L7EventHeader, skip=frozenset({"fd"}), join=("laddr", "raddr", "comm")
 )[1:])
+# srtt_us and retrans of a record, read from the group's latest record ([u32 len] prefix).
+_HEALTH = struct.Struct("<II")
+_HEALTH_AT = 4 + L7EventHeader.srtt_us.offset
 _NAMES_CACHE_MAX = 8192  # distinct (laddr, raddr, comm) combinations kept decoded
 
 
@@ -216,6 +221,8 @@ class RawEvent(NamedTuple):
     size: int  # syscall return: bytes transferred; connect 0/-EINPROGRESS; accept new fd
     payload: bytes  # first min(size, capture_bytes) bytes
     flags: int = 0  # L7Flag bits
+    srtt_us: int = 0  # TCP data: the connection's smoothed RTT at this event
+    retrans: int = 0  # TCP data: its retransmitted segments so far
 
 
 def _decode_names(family: int, raw: bytes) -> tuple[str, str, str]:
@@ -237,7 +244,7 @@ def decode_records(view: memoryview | bytes, used: int, out: list[RawEvent],
     off = 0
     while off < used:
         (length, kind, role, family, transport, lport, rport, tgid, conn_id, ts_ns, size,
-         cap_len, flags, raw) = unpack(data, off)
+         cap_len, flags, srtt_us, retrans, raw) = unpack(data, off)
         decoded = names.get(raw)
         if decoded is None:
             decoded = names[raw] = _decode_names(family, raw)
@@ -245,7 +252,7 @@ def decode_records(view: memoryview | bytes, used: int, out: list[RawEvent],
         append(new(RawEvent, (kind, conn_id, role, tgid, decoded[2], family, transport,
                               decoded[0], lport,
                               decoded[1], rport, ts_ns, size, data[start:start + cap_len],
-                              flags)))
+                              flags, srtt_us, retrans)))
         off += 4 + length
 
 
@@ -293,7 +300,7 @@ def decode_grouped(view: memoryview | bytes, used: int, offset_ns: int,
     off = count = 0
     while off < used:
         (length, kind, role, family, transport, lport, rport, tgid, conn_id, ts_ns, size,
-         cap_len, flags, raw) = unpack(data, off)
+         cap_len, flags, srtt_us, retrans, raw) = unpack(data, off)
         start = off + rec_size
         off += 4 + length
         count += 1
@@ -307,6 +314,8 @@ def decode_grouped(view: memoryview | bytes, used: int, offset_ns: int,
                                          _names(names, family, raw)))
         if flags & L7_FLAG_TLS:
             batch.meta["tls"] = True
+        if srtt_us:
+            batch.meta["srtt_us"], batch.meta["retrans"] = srtt_us, retrans
         batch.add_encoded(run, 1)
     return count
 
@@ -337,12 +346,15 @@ def group_runs(view: memoryview, groups: Any, ngroups: int, data: memoryview,
             if batch is not None:
                 sealed.append(batch)
             (_len, _kind, role, family, transport, lport, rport, tgid, _cid, _ts, _size, _cap,
-             _flags, raw) = unpack(view, g.first)
+             _flags, _srtt, _retrans, raw) = unpack(view, g.first)
             batch = open_batches[conn_id] = ConnectionBatch(
                 conn_id, connection_meta(conn_id, role, family, transport, lport, rport, tgid,
                                _names(names, family, bytes(raw))))
         if g.flags & L7_FLAG_TLS:
             batch.meta["tls"] = True
+        srtt_us, retrans = _HEALTH.unpack_from(view, g.last + _HEALTH_AT)
+        if srtt_us:
+            batch.meta["srtt_us"], batch.meta["retrans"] = srtt_us, retrans
         batch.add_encoded(bytes(data[start:start + length]), nevents)
     return count
 

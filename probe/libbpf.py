@@ -402,7 +402,7 @@ class KsGroup(ctypes.Structure):
     _fields_ = [("conn_id", ctypes.c_uint64), ("first", ctypes.c_uint32),
                 ("nevents", ctypes.c_uint32), ("data_off", ctypes.c_uint32),
                 ("data_len", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-                ("_pad", ctypes.c_uint32)]
+                ("last", ctypes.c_uint32)]
 
 
 class _DrainLib:

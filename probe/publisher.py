@@ -57,6 +57,8 @@ class EventLike(Protocol):
     size: int
     payload: bytes
     flags: int
+    srtt_us: int
+    retrans: int
 
 
 def producer_config(base: Mapping[str, str]) -> dict[str, Any]:
@@ -126,6 +128,8 @@ class Publisher:
                     (ev.laddr, ev.raddr, ev.comm)))
             if ev.flags & L7_FLAG_TLS:
                 batch.meta["tls"] = True
+            if ev.srtt_us:
+                batch.meta["srtt_us"], batch.meta["retrans"] = ev.srtt_us, ev.retrans
             batch.add_encoded(run, 1)
         self.count_in(n)
 

@@ -16,7 +16,8 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 SCHEMA_NAMES = ("raw.v1", "requests.v1", "series.v1", "golden.v1", "health.v1", "meta.v1",
-                "deadletter.v1", "node.v1", "k8s.v1", "tcp.v1", "netseries.v1", "network.v1")
+                "deadletter.v1", "node.v1", "k8s.v1", "tcp.v1", "netseries.v1", "network.v1",
+                "topology.v1")
 
 
 class SchemaError(ValueError):

@@ -18,6 +18,7 @@ from .base import (
 )
 from .prometheus import PrometheusConfig, PrometheusSink
 from .registry import SINKS, JsonLinesConfig, JsonLinesSink, build_sinks
+from .topology import TopologyConfig, TopologySink, TopologyView
 
 __all__ = [
     "SERIES_LABELS",
@@ -34,6 +35,9 @@ __all__ = [
     "SinkConfig",
     "SinkConfigError",
     "SinkHealth",
+    "TopologyConfig",
+    "TopologySink",
+    "TopologyView",
     "WindowRecord",
     "build_sinks",
 ]

@@ -17,21 +17,21 @@ from __future__ import annotations
 import abc
 import dataclasses
 import typing
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Generic, NotRequired, Self, TypedDict, TypeVar
 
 from kubesight.config import ConfigError, check_key, coerce_scalar
 
 __all__ = [
-    "SERIES_LABELS", "HealthRecord", "NetworkRecord", "NodeRecord", "SeriesLabels", "Sink",
-    "SinkConfig", "SinkConfigError", "SinkHealth", "WindowRecord",
+    "SERIES_LABELS", "HealthRecord", "NetworkRecord", "NodeRecord", "Route", "SeriesLabels",
+    "Sink", "SinkConfig", "SinkConfigError", "SinkHealth", "WindowRecord",
 ]
 
 # The label set of every golden series, in exposition order (a contract: DESIGN.md).
 SERIES_LABELS: tuple[str, ...] = (
-    "side", "protocol", "src_namespace", "src_workload", "dst_namespace", "dst_workload",
-    "endpoint", "status",
+    "side", "protocol", "src_namespace", "src_workload", "src_pod", "dst_namespace",
+    "dst_workload", "dst_pod", "endpoint", "status",
 )
 
 
@@ -40,8 +40,10 @@ class SeriesLabels(TypedDict):
     protocol: str
     src_namespace: str
     src_workload: str
+    src_pod: str  # "" outside Kubernetes
     dst_namespace: str
     dst_workload: str
+    dst_pod: str
     endpoint: str
     status: str
 
@@ -170,6 +172,10 @@ class SinkHealth:
 
 ConfigT = TypeVar("ConfigT", bound=SinkConfig)
 
+# An HTTP GET a sink serves on the HTTP server of a sink that has one (``mount``): the query
+# string in, (status, content type, body) out.
+Route = Callable[[str], tuple[int, str, str]]
+
 
 class Sink(abc.ABC, Generic[ConfigT]):
     """A destination for golden window records (and, optionally, pipeline health)."""
@@ -197,6 +203,15 @@ class Sink(abc.ABC, Generic[ConfigT]):
 
     def write_network(self, batch: Sequence[NetworkRecord]) -> None:  # noqa: B027  # optional
         """Deliver network health windows and conntrack usage; others ignore them."""
+
+    def routes(self) -> Mapping[str, Route]:
+        """HTTP paths this sink answers (``/topology``), served by a sink with a server."""
+        return {}
+
+    def published(self) -> Sequence[tuple[str, bytes, bytes | None]]:
+        """Messages due for a topic this sink keeps, as (logical topic, key, value or None
+        for a tombstone); the sink runner produces them. Most sinks keep none."""
+        return ()
 
     @abc.abstractmethod
     def close(self) -> None:

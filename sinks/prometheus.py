@@ -38,6 +38,7 @@ from .base import (
     HealthRecord,
     NetworkRecord,
     NodeRecord,
+    Route,
     Sink,
     SinkConfig,
     SinkHealth,
@@ -111,6 +112,7 @@ class PrometheusSink(Sink[PrometheusConfig]):
         self._nodes = NodeView()  # node CPU, memory, top-N and their recent history
         self._network = NetworkView()  # TCP health per edge and workload, conntrack usage
         self._closed = False
+        self._routes: dict[str, Route] = {}  # other sinks' pages (``mount``), e.g. /topology
         host, port = parse_listen(config.listen)
         self._server = _server_class(host)((host, port), _handler_for(self))
         self._thread = threading.Thread(
@@ -199,6 +201,10 @@ class PrometheusSink(Sink[PrometheusConfig]):
         """What ``/top`` serves: per node, the latest top-N with each process's time series."""
         with self._lock:
             return self._nodes.to_json(node)
+
+    def mount(self, path: str, route: Route) -> None:
+        """Serve another sink's page (``GET path``) on this sink's HTTP server."""
+        self._routes[path] = route
 
     def _count(self, kind: str, outcome: str, n: int) -> None:
         self._records[(kind, outcome)] += n
@@ -365,13 +371,21 @@ def _handler_for(sink: PrometheusSink) -> type[BaseHTTPRequestHandler]:
                 query = urllib.parse.parse_qs(self.path.partition("?")[2])
                 node = query.get("node", [None])[0]
                 self._reply(200, "application/json", json.dumps(sink.top_json(node)) + "\n")
+            elif path in sink._routes:
+                try:
+                    status, content_type, body = sink._routes[path](self.path.partition("?")[2])
+                except Exception as exc:  # a page's bug must not kill the server thread
+                    log.exception("prometheus sink: %s failed", path)
+                    status, content_type, body = 500, "text/plain; charset=utf-8", f"{exc}\n"
+                self._reply(status, content_type, body)
             elif path == "/healthz":
                 health = sink.healthcheck()
                 self._reply(200 if health.ok else 503, "text/plain; charset=utf-8",
                             f"{'ok' if health.ok else 'unhealthy'}: {health.detail}\n")
             else:
                 self._reply(404, "text/plain; charset=utf-8",
-                            "try /metrics, /top or /healthz\n")
+                            "try " + ", ".join(["/metrics", "/top", "/healthz",
+                                                 *sorted(sink._routes)]) + "\n")
 
         def _reply(self, status: int, content_type: str, body: str) -> None:
             data = body.encode()

@@ -19,6 +19,7 @@ from kubesight.config import SinksConfig
 
 from .base import Sink, SinkConfig, SinkConfigError, SinkHealth, WindowRecord
 from .prometheus import PrometheusSink
+from .topology import TopologySink
 
 __all__ = ["SINKS", "JsonLinesConfig", "JsonLinesSink", "build_sinks"]
 
@@ -82,6 +83,7 @@ class JsonLinesSink(Sink[JsonLinesConfig]):
 SINKS: dict[str, type[Sink[Any]]] = {
     PrometheusSink.name: PrometheusSink,
     JsonLinesSink.name: JsonLinesSink,
+    TopologySink.name: TopologySink,
 }
 
 
@@ -101,4 +103,9 @@ def build_sinks(config: SinksConfig) -> list[Sink[Any]]:
         for sink in sinks:  # e.g. the second sink's port is taken: free the first one's
             sink.close()
         raise
+    # Pages of sinks without a server of their own (/topology) go on the Prometheus sink's.
+    for server in (s for s in sinks if isinstance(s, PrometheusSink)):
+        for sink in sinks:
+            for path, route in sink.routes().items():
+                server.mount(path, route)
     return sinks

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 import msgpack
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from kubesight.config import Config
 from kubesight.process import run_component
@@ -50,6 +50,9 @@ class SinkRunner:
         self._node = config.topic("node.v1")  # straight from the probes: no worker step
         self._network = config.topic("network.v1")  # TCP health windows, conntrack usage
         self._consumer.subscribe([self._golden, self._health, self._node, self._network])
+        # Topics sinks keep themselves (topology.v1, compacted): produced from published().
+        self._producer = Producer({**base, "enable.idempotence": True,
+                                   "compression.type": "lz4", "linger.ms": 50})
         # Reads the workers' committed offsets; never joins their group.
         self._lag_probe = Consumer({**base, "group.id": config.streams.app_id,
                                     "enable.auto.commit": False})
@@ -64,6 +67,7 @@ class SinkRunner:
                 msgs = self._consumer.consume(num_messages=1000, timeout=0.5)
                 if msgs:
                     self._deliver(msgs)
+                self._publish()
                 now = time.monotonic()
                 if now >= next_lag:
                     self._report_own_health()
@@ -71,6 +75,7 @@ class SinkRunner:
         finally:
             self._consumer.close()
             self._lag_probe.close()
+            self._producer.flush(10)
             for sink in self.sinks:
                 sink.close()
 
@@ -126,6 +131,27 @@ class SinkRunner:
             self._consumer.commit(asynchronous=True)
         except KafkaException as exc:
             log.warning("offset commit failed: %s", exc)
+
+    def _publish(self) -> None:
+        """Produce what the sinks keep in topics of their own (e.g. the topology edges)."""
+        for sink in self.sinks:
+            try:
+                messages = sink.published()
+            except Exception as exc:
+                self.counters["sink_publish_failures"] += 1
+                log.error("sink %s publish failed: %s", getattr(sink, "name", sink), exc)
+                continue
+            for logical, key, value in messages:
+                try:
+                    self._producer.produce(self.config.topic(logical), key=key, value=value,
+                                           on_delivery=self._delivered)
+                except (BufferError, KafkaException) as exc:
+                    self.counters["published_errors"] += 1
+                    log.warning("producing to %s failed: %s", logical, exc)
+        self._producer.poll(0)
+
+    def _delivered(self, err: Any, _msg: Any) -> None:
+        self.counters["published_errors" if err is not None else "published"] += 1
 
     def _raw_lag(self) -> int | None:
         topic = self.config.topic("raw.v1")

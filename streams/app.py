@@ -17,6 +17,8 @@ The whole data path, in one place (agents live in ``agents.py``):
     (timer, 1 s)      network_tick     -                             netseries.v1 (1 tick/partition)
     golden.v1 + health.v1 are read by ``kubesight sink`` (sinks/runner.py), fanned out to sinks.
     network.v1 is read by ``kubesight sink`` too: kubesight_tcp_* and kubesight_conntrack_*.
+    golden.v1 + network.v1 → topology sink (sinks/topology.py, in ``kubesight sink``): the
+    service map, served at /topology and written to topology.v1 (compacted, key: edge).
     node.v1 (node CPU, memory, top-N from the probe's /proc sampling) goes straight to the sink:
     it needs no stream processing.
 

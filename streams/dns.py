@@ -2,11 +2,13 @@
 
 A UDP "connection" is what the kernel reports for one (UDP socket, peer address:port) pair, one
 datagram per event; a TCP connection carries messages behind a 2-byte length prefix, several
-per segment or one split across many. The parser is told neither: the first event that can
-only be a length-prefixed message switches the connection to stream framing for good. Until
-then every event is taken as one whole message, which is also right for the first message of a
-TCP connection whose 2-byte length was read by its own syscall (a server like dnsmasq reads the
-length, then the message) and so never reached the parser.
+per segment or one split across many. Which one it is comes from the bytes (or ``transport``,
+when the caller knows): the first event that can only be a length-prefixed message switches the
+connection to stream framing for good; an event too short to tell (a length and a message's
+first bytes) waits for the next one in its direction. Until then every event is one whole
+message, which is also right for the first message of a TCP connection whose 2-byte length
+was read by its own syscalls (dnsmasq reads it as two 1-byte reads, then the message) and so
+never reached this parser: the sniffer could not recognise it.
 
 Records (one per query):
 - ``method`` and ``endpoint``: the query type name (``A``, ``AAAA``, ``SRV``, ``TYPE65534``):
@@ -30,18 +32,36 @@ pipeline), and by ``flush()`` at close. A query still pending at close whose dea
 passed is ``UNANSWERED`` (error, ended at the close). A retransmission (same id and question
 while the query is pending: UDP resolvers resend) is merged into the first: its bytes are
 added, ``start_ns`` stays the first send, so the latency is what the caller waited, and the
-deadline restarts from the retransmission.
+deadline (and a timeout's ``end_ns``) restarts from the retransmission. A resend after the
+deadline is a new query: the first attempt was a timeout.
 
-Nothing in here raises on input: ``feed`` and ``flush`` have a last-resort guard that counts
+A TCP direction whose framing is lost (a message boundary in bytes the capture did not keep)
+finds it again at an event that starts a message. Queries whose answers may have been in the
+skipped bytes and that get none are reported with an empty status (not an error, not complete:
+``lost_answers``), not as timeouts.
+
+The wire format (names, pointers, what looks like a message) is in ``dns_wire``. Nothing in
+here raises on input: ``feed`` and ``flush`` have a last-resort guard that counts
 ``parser_errors`` and drops the connection's framing and pending queries.
 """
 
 from __future__ import annotations
 
 import collections
-import struct
 from typing import TYPE_CHECKING
 
+from .dns_wire import (
+    HEADER,
+    MIN_MESSAGE,
+    U16,
+    frame,
+    frame_start,
+    header_ok,
+    plausible,
+    qtype_name,
+    rcode_name,
+    read_name,
+)
 from .record import Request
 
 if TYPE_CHECKING:
@@ -52,26 +72,10 @@ EXPIRE_GRACE_NS = 2_000_000_000  # wall-clock wait past a deadline before expire
 MAX_PENDING = 256  # queries waiting for an answer per connection
 MAX_QUERY_CHARS = 256
 HEAD_MAX = 512  # bytes kept of a TCP message: the header and question fit (12 + 255 + 4)
-MIN_MESSAGE = 17  # header + root name + type + class
 _RECENT_TIMEOUTS = 64  # ids remembered after a timeout, to tell late answers from orphans
 
-QTYPE_NAMES = {
-    1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 10: "NULL", 11: "WKS", 12: "PTR", 13: "HINFO",
-    15: "MX", 16: "TXT", 17: "RP", 18: "AFSDB", 24: "SIG", 25: "KEY", 28: "AAAA", 29: "LOC",
-    33: "SRV", 35: "NAPTR", 36: "KX", 37: "CERT", 39: "DNAME", 41: "OPT", 42: "APL", 43: "DS",
-    44: "SSHFP", 45: "IPSECKEY", 46: "RRSIG", 47: "NSEC", 48: "DNSKEY", 49: "DHCID",
-    50: "NSEC3", 51: "NSEC3PARAM", 52: "TLSA", 53: "SMIMEA", 55: "HIP", 59: "CDS",
-    60: "CDNSKEY", 61: "OPENPGPKEY", 62: "CSYNC", 63: "ZONEMD", 64: "SVCB", 65: "HTTPS",
-    99: "SPF", 108: "EUI48", 109: "EUI64", 249: "TKEY", 250: "TSIG", 251: "IXFR", 252: "AXFR",
-    255: "ANY", 256: "URI", 257: "CAA",
-}  # fmt: skip
-RCODE_NAMES = {
-    0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED",
-    6: "YXDOMAIN", 7: "YXRRSET", 8: "NXRRSET", 9: "NOTAUTH", 10: "NOTZONE", 11: "DSOTYPENI",
-}  # fmt: skip
 ERROR_STATUSES = frozenset({"SERVFAIL", "REFUSED", "FORMERR", "NOTIMP", "TIMEOUT",
                             "UNANSWERED"})
-_CLASSES = frozenset({1, 3, 4, 254, 255})  # IN, CH, HS, NONE, ANY
 
 # How much of a connection was not understood; reported next to the metrics it affects.
 COUNTERS = (
@@ -91,149 +95,11 @@ COUNTERS = (
     "parser_errors",  # internal errors caught by the guards; should stay 0
 )
 
-_HEADER = struct.Struct("!6H")
-_U16 = struct.Struct("!H")
-_PLAIN = bytes(b for b in range(0x21, 0x7F) if b not in b".\\")  # kept as is in names
-
-
-# -- wire format --------------------------------------------------------------------------------
-def _read_name(msg: bytes, pos: int) -> tuple[str | None, int]:
-    """(name, index just past it) of the name at ``pos``; (None, -1) if malformed or cut.
-
-    Compression pointers are followed only backwards, each to before the previous jump, so a
-    pointer loop cannot run forever; the name is at most 255 bytes as on the wire.
-    """
-    end = len(msg)
-    labels: list[str] = []
-    after = -1
-    limit = pos  # a pointer must land before the name, then before each earlier jump
-    wire = 1
-    while True:
-        if pos >= end:
-            return None, -1
-        n = msg[pos]
-        if n >= 0xC0:
-            if pos + 1 >= end:
-                return None, -1
-            target = ((n & 0x3F) << 8) | msg[pos + 1]
-            if after < 0:
-                after = pos + 2
-            if not 12 <= target < limit:
-                return None, -1
-            pos = limit = target
-            continue
-        if n >= 0x40:  # extended and binary labels: obsolete, never valid in a question
-            return None, -1
-        if n == 0:
-            break
-        wire += n + 1
-        if wire > 255 or pos + 1 + n > end:
-            return None, -1
-        label = msg[pos + 1 : pos + 1 + n].lower()
-        if label.translate(None, _PLAIN):  # dots, backslashes, non-printable bytes: escaped
-            labels.append("".join(_escape(b) for b in label))
-        else:
-            labels.append(label.decode("ascii"))
-        pos += 1 + n
-    return (".".join(labels) or "."), (after if after >= 0 else pos + 1)
-
-
-def _escape(byte: int) -> str:
-    """A name's byte as dig prints it: "\\." inside a label, "\\000" for non-printables."""
-    if byte in _PLAIN:
-        return chr(byte)
-    return f"\\{chr(byte)}" if byte in b".\\" else f"\\{byte:03d}"
-
-
-def _skip_name(msg: bytes, pos: int) -> int:
-    """Index just past the name at ``pos`` without following pointers; -1 if malformed."""
-    end = len(msg)
-    start = pos
-    while pos < end:
-        n = msg[pos]
-        if n >= 0xC0:
-            if pos + 1 >= end or not 12 <= (((n & 0x3F) << 8) | msg[pos + 1]) < start:
-                return -1
-            return pos + 2
-        if n >= 0x40:
-            return -1
-        if n == 0:
-            return pos + 1
-        pos += 1 + n
-        if pos - start > 255:
-            return -1
-    return -1
-
-
-def _header_ok(buf: bytes | bytearray, pos: int) -> bool:
-    """A header a real peer would send: opcode QUERY, Z clear, at most one question."""
-    flags = (buf[pos + 2] << 8) | buf[pos + 3]
-    return flags & 0x7840 == 0 and buf[pos + 4] == 0 and buf[pos + 5] <= 1
-
-
-def _plausible(msg: bytes, whole: bool) -> bool:
-    """A message with one question whose counts fit: every record parses to exactly its end
-    when ``whole``; only the question when the message is cut short."""
-    if len(msg) < MIN_MESSAGE or not _header_ok(msg, 0):
-        return False
-    _id, flags, qd, an, ns, ar = _HEADER.unpack_from(msg)
-    if qd != 1:
-        return False
-    if not flags & 0x8000 and (flags & 0x000F or an or ns > 1 or ar > 2):
-        return False  # a query carries no answers; at most an OPT and a TSIG record
-    pos = _skip_name(msg, 12)
-    if pos < 0 or pos + 4 > len(msg) or _U16.unpack_from(msg, pos + 2)[0] not in _CLASSES:
-        return False
-    pos += 4
-    if not whole:
-        return True
-    end = len(msg)
-    records = an + ns + ar
-    if records * 11 > end - pos:
-        return False
-    for _ in range(records):
-        pos = _skip_name(msg, pos)
-        if pos < 0 or pos + 10 > end:
-            return False
-        pos += 10 + _U16.unpack_from(msg, pos + 8)[0]
-    return pos == end
-
-
-def _frame(buf: bytes) -> bool:
-    """Whether ``buf`` starts with a length-prefixed message (TCP): whole, with every record
-    parsed, or at least its question when the message goes on beyond ``buf``."""
-    if len(buf) < 2 + MIN_MESSAGE:
-        return False
-    length = _U16.unpack_from(buf)[0]
-    if length < MIN_MESSAGE:
-        return False
-    msg = buf[2 : 2 + length]
-    return _plausible(msg, whole=len(msg) == length)
-
-
-def _frame_start(buf: bytes, size: int) -> bool:
-    """Whether ``buf`` may be the first bytes of a length-prefixed message, too few to show
-    its question: a length (beyond ``buf`` if the event is whole) and the header so far."""
-    if not 2 <= len(buf) < 2 + 12 + 255 + 4:
-        return False
-    length = _U16.unpack_from(buf)[0]
-    if length < MIN_MESSAGE or (size == len(buf) and length + 2 <= len(buf)):
-        return False
-    return len(buf) < 14 or _header_ok(buf, 2)
-
 
 def detect(buf: bytes) -> bool:
     """True if ``buf`` is a whole DNS message with one question (a UDP datagram), or starts
     with a 2-byte length and such a message (TCP; the message may continue in later reads)."""
-    return _frame(buf) or _plausible(buf, whole=True)
-
-
-def qtype_name(qtype: int) -> str:
-    return QTYPE_NAMES.get(qtype) or f"TYPE{qtype}"
-
-
-def rcode_name(rcode: int) -> str:
-    return RCODE_NAMES.get(rcode) or f"RCODE{rcode}"
+    return frame(buf) or plausible(buf, whole=True)
 
 
 # -- one connection -----------------------------------------------------------------------------
@@ -279,10 +145,10 @@ class _Stream:
         n = len(payload)
         whole = size == n
         if self.state == _LOST:
-            if _frame(payload):
+            if frame(payload):
                 self.state = _PREFIX
                 counters["resyncs"] += 1
-            elif whole and _plausible(payload, whole=True):  # its length came in a lost read
+            elif whole and plausible(payload, whole=True):  # its length came in a lost read
                 counters["resyncs"] += 1
                 self.state = _PREFIX
                 self.conn.message(self.out, ts, ts, size, payload, cut=False)
@@ -291,7 +157,7 @@ class _Stream:
                 counters["unparsed_bytes"] += size
                 return
         elif (self.state == _PREFIX and not self.prefix and whole
-              and _plausible(payload, whole=True) and not _frame(payload)):
+              and plausible(payload, whole=True) and not frame(payload)):
             # A whole message without its length: the length was read by its own syscall,
             # before this parser existed (the sniffer saw 2 bytes it could not recognise).
             self.conn.message(self.out, ts, ts, size, payload, cut=False)
@@ -304,7 +170,7 @@ class _Stream:
                 if room > 0:
                     before = len(self.head)
                     self.head += payload[pos : pos + min(take, room)]
-                    if before < 12 <= len(self.head) and not _header_ok(self.head, 0):
+                    if before < 12 <= len(self.head) and not header_ok(self.head, 0):
                         self.lose(ts)  # the length was not a length: garbage or lost framing
                         counters["unparsed_bytes"] += size - pos
                         return
@@ -321,7 +187,7 @@ class _Stream:
                 pos += need
                 if len(self.prefix) < 2:
                     break
-                self.length = self.remaining = _U16.unpack(self.prefix)[0]
+                self.length = self.remaining = U16.unpack(self.prefix)[0]
                 self.prefix = b""
                 self.nbytes = 2
                 self.head.clear()
@@ -399,7 +265,9 @@ class DnsConnection:
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._framing = {"udp": _DATAGRAM, "tcp": _STREAM}.get(transport, _UNDECIDED)
         self._streams = {True: _Stream(self, True), False: _Stream(self, False)}
-        self._stash: dict[bool, tuple[int, bytes]] = {}  # per direction, while undecided
+        # Per direction while undecided: whole events, (ts, payload), that may together be
+        # the start of a TCP message (fewer than 273 bytes in all).
+        self._stash: dict[bool, list[tuple[int, bytes]]] = {}
         # (query sent by this process, id) → query; insertion order is arrival order.
         self._pending: dict[tuple[bool, int], _Query] = {}
         self._next_deadline = 1 << 63  # no pending query's deadline is earlier
@@ -423,7 +291,8 @@ class DnsConnection:
     def expire(self, now_ns: int) -> list[Request]:
         """Queries whose deadline passed ``EXPIRE_GRACE_NS`` before ``now_ns`` (wall clock),
         as timeouts."""
-        if self._stash:  # no more bytes came: those were datagrams after all
+        if self._stash and min(e[0][0] for e in self._stash.values()) < (
+                now_ns - EXPIRE_GRACE_NS):  # no more bytes came: those were datagrams
             self._drain_stash()
         if now_ns - EXPIRE_GRACE_NS < self._next_deadline:
             return self._take()
@@ -457,8 +326,9 @@ class DnsConnection:
     def _drain_stash(self) -> None:
         stash, self._stash = self._stash, {}
         try:
-            for out, (ts, payload) in stash.items():
-                self.message(out, ts, ts, len(payload), payload, cut=False)
+            for out, events in stash.items():
+                for ts, payload in events:
+                    self.message(out, ts, ts, len(payload), payload, cut=False)
         except Exception:
             self._reset_after_error(0)
 
@@ -477,12 +347,20 @@ class DnsConnection:
         if ts > self._next_deadline:  # a later event shows these deadlines passed
             self._time_out(ts - 1)
         stash = self._stash.pop(out, None)
-        if stash is not None:  # a short event that may be a TCP message's first bytes
-            if self._framing == _STREAM or _frame(stash[1] + payload):
+        if stash is not None:  # short events that may be a TCP message's first bytes
+            joined = b"".join(p for _, p in stash) + payload
+            if self._framing == _STREAM or frame(joined):
                 self._framing = _STREAM
-                self._streams[out].feed(stash[0], len(stash[1]), stash[1])
-            else:
-                self.message(out, stash[0], stash[0], len(stash[1]), stash[1], cut=False)
+                for stashed_ts, stashed in stash:
+                    self._streams[out].feed(stashed_ts, len(stashed), stashed)
+            elif self._framing == _UNDECIDED and size == len(payload) and frame_start(
+                    joined, len(joined)):
+                stash.append((ts, payload))  # still too few bytes to tell
+                self._stash[out] = stash
+                return
+            else:  # they were datagrams after all
+                for stashed_ts, stashed in stash:
+                    self.message(out, stashed_ts, stashed_ts, len(stashed), stashed, cut=False)
         framing = self._framing
         if framing == _UNDECIDED:
             framing = self._decide(out, ts, size, payload)
@@ -496,16 +374,16 @@ class DnsConnection:
         too short to be a datagram); otherwise this event is one whole message. An event too
         short to tell (a message's length and first bytes) waits for the next one."""
         whole = size == len(payload)
-        if _plausible(payload, whole=whole):
+        if plausible(payload, whole=whole):
             return _DATAGRAM
-        if size < 12 or _frame(payload):
+        if size < 12 or frame(payload):
             self._framing = _STREAM
             return _STREAM
-        if _frame_start(payload, size):
+        if frame_start(payload, size):
             if whole:
-                self._stash[out] = (ts, payload)
+                self._stash[out] = [(ts, payload)]
                 return _UNDECIDED
-            if not (len(payload) >= 12 and _header_ok(payload, 0) and payload[5] == 1):
+            if not (len(payload) >= 12 and header_ok(payload, 0) and payload[5] == 1):
                 self._framing = _STREAM  # cut by the capture, and no datagram header either
                 return _STREAM
         return _DATAGRAM
@@ -519,13 +397,13 @@ class DnsConnection:
             return
         if cut:
             counters["cut_messages"] += 1
-        qid, flags, qd = _HEADER.unpack_from(msg)[:3]
+        qid, flags, qd = HEADER.unpack_from(msg)[:3]
         qname: str | None = None
         qtype = -1
         if qd:
-            name, pos = _read_name(msg, 12)
+            name, pos = read_name(msg, 12)
             if name is not None and pos + 4 <= len(msg):
-                qname, qtype = name, _U16.unpack_from(msg, pos)[0]
+                qname, qtype = name, U16.unpack_from(msg, pos)[0]
         complete = complete and (qd == 0 or qname is not None)
         if not flags & 0x8000:
             self._query(out, qid, qname, qtype, start_ns, nbytes, complete)

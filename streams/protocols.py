@@ -16,7 +16,8 @@ stronger one would have recognised:
 4. MySQL: the server greeting (protocol 10) or a command packet whose 3-byte length agrees.
 5. Redis: RESP arrays of bulk strings (``*N\\r\\n$``) or RESP3/RESP2 replies.
 6. Kafka: a size-prefixed request header whose API key and version are known.
-7. DNS: a header whose counts fit the datagram; last because 12 arbitrary bytes can pass.
+7. DNS: one question, and records that parse to exactly the datagram's end (UDP) or the
+   2-byte length (TCP); late because 12 arbitrary bytes can look like a header.
 8. HTTP/2 frames without the preface (connections open before the probe started).
 Each later detector checks lengths that must agree exactly, which text protocols rarely do.
 """

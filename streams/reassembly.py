@@ -44,8 +44,9 @@ DEFER_S = 3.0  # how long a same-node call waits for its peer's name
 # (namespace, workload, pod): on a bare host ("", process or address, "")
 Party = tuple[str, str, str]
 
-SERIES_LABELS = ("side", "protocol", "src_namespace", "src_workload", "dst_namespace",
-                 "dst_workload", "endpoint", "status")
+# Pods are labels too (empty on a bare host): a slow replica must stand out in the metrics.
+SERIES_LABELS = ("side", "protocol", "src_namespace", "src_workload", "src_pod", "dst_namespace",
+                 "dst_workload", "dst_pod", "endpoint", "status")
 
 
 class MalformedBatch(ValueError):
@@ -66,6 +67,8 @@ class _Connection:
     last_seen: float
     transport: str = "tcp"
     tls: bool = False  # events are plaintext from the TLS library
+    srtt_us: int = 0  # the connection's health as of its latest batch (TCP, from the kernel)
+    retrans: int = 0
     container_id: str = ""  # of the process, when the probe knows it (cgroup)
     pod_uid: str = ""
     backend_addr: str = ""  # a call to a cluster IP: the pod conntrack sent it to
@@ -164,6 +167,12 @@ class Reassembler:
             conn = self._open(key, node, conn_meta)
         if conn_meta.get("tls"):
             conn.tls = True
+        if "srtt_us" in conn_meta:
+            try:
+                conn.srtt_us = int(conn_meta["srtt_us"])
+                conn.retrans = int(conn_meta.get("retrans", 0))
+            except (TypeError, ValueError) as exc:
+                raise MalformedBatch(f"bad connection health: {exc}") from exc
         conn.last_seen = self._clock()
         out: list[Request] = []
         feed = conn.parser.feed
@@ -334,6 +343,7 @@ class Reassembler:
             "error": req.error, "slow": slow, "start_ns": req.start_ns, "end_ns": req.end_ns,
             "request_bytes": req.request_bytes, "response_bytes": req.response_bytes,
             "complete": req.complete, "query": req.query, "tls": conn.tls,
+            "rtt_us": conn.srtt_us, "retransmits": conn.retrans,
             "src_namespace": src[0], "src_workload": src[1], "src_pod": src[2],
             "dst_namespace": dst[0], "dst_workload": dst[1], "dst_pod": dst[2],
             "pid": conn.tgid,
@@ -343,8 +353,8 @@ class Reassembler:
 
     def _aggregate(self, record: dict[str, Any], latency_ns: int) -> None:
         labels = (record["side"], record["protocol"], record["src_namespace"],
-                  record["src_workload"], record["dst_namespace"], record["dst_workload"],
-                  record["endpoint"], record["status"])
+                  record["src_workload"], record["src_pod"], record["dst_namespace"],
+                  record["dst_workload"], record["dst_pod"], record["endpoint"], record["status"])
         window = self.window_seconds
         start = (record["end_ns"] // 1_000_000_000) // window * window
         per_window = self._partials.get(labels)

@@ -19,7 +19,7 @@ def test_catalogue() -> None:
                          "health.v1", "deadletter.v1"]
     assert "node.v1" in names
     assert len(set(names)) == len(names)
-    assert [t.name for t in TOPICS if t.compacted] == ["meta.v1", "k8s.v1"]
+    assert [t.name for t in TOPICS if t.compacted] == ["meta.v1", "k8s.v1", "topology.v1"]
     for t in TOPICS:
         assert t.key and t.description
         assert (REPO_ROOT / "schemas" / f"{t.schema}.json").exists(), t.schema
@@ -52,7 +52,7 @@ def test_ensure_topics_creates_all_then_is_a_noop(kubesight_config: Config) -> N
     assert sorted(created) == sorted(full)
     assert topics.describe(config) == {n: 3 for n in full}
     policies = _cleanup_policies(config, full)
-    compacted = ("meta.v1", "k8s.v1")
+    compacted = ("meta.v1", "k8s.v1", "topology.v1")
     assert policies == {n: ("compact" if n.endswith(compacted) else "delete") for n in full}
 
     assert ensure_topics(config) == []  # second call: nothing to do

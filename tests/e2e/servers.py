@@ -57,11 +57,13 @@ HANDLERS = {"slow": Slow, "chunked": Chunked}
 
 
 def main() -> None:
+    """``servers KIND COMM [DELAY [HOST]]``: HOST 127.0.0.1 unless given (a pod's 0.0.0.0)."""
     kind, comm = sys.argv[1], sys.argv[2]
     if len(sys.argv) > 3:
         Slow.delay = float(sys.argv[3])
+    host = sys.argv[4] if len(sys.argv) > 4 else "127.0.0.1"
     _set_comm(comm)
-    server = HTTPServer(("127.0.0.1", 0), HANDLERS[kind])
+    server = HTTPServer((host, 0), HANDLERS[kind])
     print(f"listening {server.server_address[1]}", flush=True)
     server.serve_forever()
 

@@ -70,7 +70,11 @@ def test_https_records_are_marked_tls(tls_pipeline: Pipeline, nginx_tls: Nginx) 
     records = wait_for("the /small records of both sides", lambda: (
         recs if len(recs := tls_records()) >= 2 else None), timeout=60)
     assert {r["side"] for r in records} == {"client", "server"}
-    assert all(r["tls"] and r["status"] == "200" and r["complete"] for r in records)
+    seen = [(r["side"], r["tls"], r["status"], r["complete"], r["rtt_us"], r["retransmits"])
+            for r in records]
+    assert all(r["tls"] and r["status"] == "200" and r["complete"] for r in records), seen
+    # Each request knows its connection's health (kernel srtt; tens of µs on loopback).
+    assert all(0 < r["rtt_us"] < 1_000_000 and r["retransmits"] >= 0 for r in records), seen
 
 
 def test_probe_reports_the_library_and_the_ciphertext_it_dropped(tls_pipeline: Pipeline) -> None:

@@ -55,7 +55,10 @@ def test_struct_decoder_matches_ctypes_layout() -> None:
     ref = l7.L7EventHeader.from_buffer_copy(raw)
     assert fields["conn_id"] == ref.conn_id and fields["size"] == ref.size
     assert fields["lport"] == ref.lport and fields["cap_len"] == ref.cap_len
-    assert fields["laddr"] == bytes(ref.laddr) and fields["comm"] == raw[80:96]
+    comm = l7.L7EventHeader.comm
+    assert fields["laddr"] == bytes(ref.laddr)
+    assert fields["comm"] == raw[comm.offset:comm.offset + comm.size]
+    assert (fields["srtt_us"], fields["retrans"]) == (ref.srtt_us, ref.retrans)
 
 
 @pytest.mark.parametrize(("enum_name", "prefix", "py_enum"), [

@@ -18,6 +18,7 @@ from . import series, window_record
 TEST_CONFIGS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "prometheus": lambda tmp: {"listen": "127.0.0.1:0"},
     "jsonl": lambda tmp: {"enabled": True, "path": str(tmp / "golden.jsonl")},
+    "topology": lambda tmp: {},
 }
 
 

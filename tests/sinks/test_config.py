@@ -14,6 +14,7 @@ from kubesight.sinks import (
     SinkConfigError,
     build_sinks,
 )
+from kubesight.sinks.topology import TopologySink
 
 from kubesight import config
 
@@ -52,7 +53,7 @@ def test_build_sinks_from_the_loaded_config() -> None:
     loaded = config.load(environ={"KUBESIGHT_SINKS__PROMETHEUS__LISTEN": "127.0.0.1:0"})
     sinks = build_sinks(loaded.sinks)
     try:
-        assert [type(s) for s in sinks] == [PrometheusSink]
+        assert [type(s) for s in sinks] == [PrometheusSink, TopologySink]
         assert isinstance(sinks[0], PrometheusSink)
         host, port = sinks[0].address
         with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
@@ -63,5 +64,6 @@ def test_build_sinks_from_the_loaded_config() -> None:
 
 
 def test_disabled_sinks_are_not_built() -> None:
-    loaded = config.load(environ={"KUBESIGHT_SINKS__PROMETHEUS__ENABLED": "false"})
+    loaded = config.load(environ={"KUBESIGHT_SINKS__PROMETHEUS__ENABLED": "false",
+                                  "KUBESIGHT_SINKS__TOPOLOGY__ENABLED": "false"})
     assert build_sinks(loaded.sinks) == []

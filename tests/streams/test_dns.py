@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kubesight.streams import dns
+from kubesight.streams import dns, dns_wire
 from kubesight.streams.dns import EXPIRE_GRACE_NS, TIMEOUT_NS, DnsConnection, detect
 from kubesight.streams.protocols import PARSERS, Sniffer
 from kubesight.streams.record import Request
@@ -107,16 +107,40 @@ def test_every_captured_payload_is_detected_except_a_bare_length(name: str) -> N
         assert detect(payload) is (len(payload) != 2), payload[:20]
 
 
-def test_foreign_protocols_are_not_detected() -> None:
+def _captured_payloads(doc: object) -> list[bytes]:
+    """Every ["in"|"out", size, payload] event anywhere in another protocol's fixture."""
+    if isinstance(doc, dict):
+        return [p for v in doc.values() for p in _captured_payloads(v)]
+    if isinstance(doc, list):
+        if len(doc) == 3 and doc[0] in ("in", "out") and isinstance(doc[2], str):
+            return [doc[2].encode("latin-1")[:4096]]
+        return [p for v in doc for p in _captured_payloads(v)]
+    return []
+
+
+def test_other_protocols_captured_bytes_are_not_detected() -> None:
     payloads = [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"*1\r\n$4\r\nPING\r\n", b"+OK\r\n",
                 b"\x00" * 64, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 60]
+    protocols = set()
     for path in FIXTURES.glob("*/*.json"):
         if path.parent.name != "dns":
-            for event in json.loads(path.read_text()).get("events", []):
-                if isinstance(event, list) and isinstance(event[-1], str):
-                    payloads.append(event[-1].encode("latin-1")[:4096])
-    assert len(payloads) > 20
+            found = _captured_payloads(json.loads(path.read_text()))
+            if found:
+                protocols.add(path.parent.name)
+            payloads += found
+    assert len(payloads) > 1000 and {"http1", "redis"} <= protocols
     assert [p[:40] for p in payloads if detect(p)] == []
+
+
+@pytest.mark.parametrize("name", [c[0] for c in CAPTURED])
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_no_other_parser_claims_dns(name: str, side: str) -> None:
+    events = load(name) if side == "client" else as_server(load(name))
+    sniffer = Sniffer(side)
+    records = [r for i, (d, size, p) in enumerate(events) for r in sniffer.feed(d, i, size, p)]
+    records += sniffer.flush(100 * TIMEOUT_NS)
+    assert sniffer.protocol == "dns"
+    assert brief(records) == dict(CAPTURED)[name]
 
 
 def test_latency_is_from_the_query_to_its_answer() -> None:
@@ -142,10 +166,11 @@ def test_tcp_stream_split_at_every_byte_boundary(name: str) -> None:
         records, conn = run([("out", len(queries), queries), *reads])
         assert brief(records) == expected, cut
         assert quiet(conn) == {}, cut
-    for cut in range(1, len(queries)):
-        writes = [("out", len(p), p) for p in split(queries, cut)]
-        records, conn = run([*writes, ("in", len(answers), answers)])
-        assert brief(records) == expected, cut
+    for cut in range(1, len(queries) - 1):  # the first write too short to tell UDP from TCP
+        for cuts in ((cut,), (cut, cut + 1)):
+            writes = [("out", len(p), p) for p in split(queries, *cuts)]
+            records, conn = run([*writes, ("in", len(answers), answers)])
+            assert brief(records) == expected, cuts
 
 
 def test_tcp_byte_by_byte() -> None:
@@ -156,14 +181,20 @@ def test_tcp_byte_by_byte() -> None:
     assert quiet(conn) == {}
 
 
-def test_server_reading_the_length_by_itself_through_the_sniffer() -> None:
-    """dnsmasq reads a TCP query as recv(2) then recv(length): the sniffer cannot recognise
-    the 2 bytes, so DNS starts at the bare message, and the answer's length settles TCP."""
+@pytest.mark.parametrize("length_reads", [[2], [1, 1]])
+def test_server_reading_the_length_by_itself_through_the_sniffer(length_reads: list[int]
+                                                                  ) -> None:
+    """dnsmasq reads a TCP query's length with two 1-byte reads, then the message: the sniffer
+    cannot recognise those bytes, so DNS starts at the bare message, and the answer's length
+    settles TCP."""
     events = as_server(load("tcp_keepopen3"))
     reads: list[Event] = []
     for d, size, payload in events:
-        reads += [(d, 2, payload[:2]), (d, size - 2, payload[2:])] if d == "in" else [
-            (d, size, payload)]
+        if d == "in":
+            cuts = [sum(length_reads[: i + 1]) for i in range(len(length_reads))]
+            reads += [(d, len(p), p) for p in split(payload, *cuts)]
+        else:
+            reads.append((d, size, payload))
     sniffer = Sniffer("server")
     records = [r for i, ev in enumerate(reads) for r in sniffer.feed(ev[0], i, ev[1], ev[2])]
     assert sniffer.protocol == "dns"
@@ -175,6 +206,31 @@ def test_server_reading_the_length_by_itself_through_the_sniffer() -> None:
     parser = sniffer.parser
     assert isinstance(parser, DnsConnection) and parser.framing == "stream"
     assert quiet(parser) == {}
+
+
+def test_a_known_transport_fixes_the_framing() -> None:
+    (_, size, query), (_, asize, answer) = load("tcp_a")
+    conn = DnsConnection("client", transport="tcp")
+    assert conn.framing == "stream"
+    conn.feed("out", 1, 2, query[:2])  # the length alone: a stream from the first byte
+    conn.feed("out", 2, size - 2, query[2:])
+    assert [r.status for r in conn.feed("in", 3, asize, answer)] == ["NOERROR"]
+    assert DnsConnection("client", transport="udp").framing == "datagram"
+
+
+def test_header_only_answer_pairs_by_id() -> None:
+    """An answer without its question (FORMERR from some servers): 12 bytes that could also
+    begin a TCP message, so they wait for the next event, or at the latest for expire()."""
+    (_, size, query), _ = load("udp_a")
+    header = query[:2] + struct.pack("!5H", 0x8181, 0, 0, 0, 0)
+    conn = DnsConnection("client")
+    conn.feed("out", 1, size, query)
+    assert conn.feed("in", 2, len(header), header) == []
+    assert conn.expire(2 + EXPIRE_GRACE_NS) == []  # TCP bytes may still be on their way
+    (record,) = conn.expire(3 + EXPIRE_GRACE_NS)
+    assert (record.query, record.status, record.error, record.end_ns) == (
+        "A ok.test", "FORMERR", True, 2)
+    assert conn.framing == "undecided"
 
 
 # -- capture limits and gaps --------------------------------------------------------------------
@@ -369,7 +425,7 @@ def test_compressed_answer_names_are_followed() -> None:
     _, (_, _, answer) = load("udp_srv")
     question_end = 12 + len(b"\x05_http\x04_tcp\x02ok\x04test\x00") + 4
     assert answer[question_end] >= 0xC0  # the answer's owner points to the question
-    name, after = dns._read_name(answer, question_end)
+    name, after = dns_wire.read_name(answer, question_end)
     assert (name, after) == ("_http._tcp.ok.test", question_end + 2)
 
 
@@ -383,7 +439,7 @@ def test_compressed_answer_names_are_followed() -> None:
 ])  # fmt: skip
 def test_pointer_loops_and_bad_names_in_the_question(tail: bytes) -> None:
     msg = struct.pack("!6H", 1, 0x0100, 1, 0, 0, 0) + tail + b"\x00\x01\x00\x01"
-    assert dns._read_name(msg, 12)[0] is None
+    assert dns_wire.read_name(msg, 12)[0] is None
     assert not detect(msg)
     records, conn = run([("out", len(msg), msg), ("in", len(msg), _answer(msg))])
     assert [(r.method, r.status, r.complete) for r in records] == [("", "NOERROR", False)]
@@ -395,17 +451,17 @@ def test_pointer_chain_must_go_backwards_each_time() -> None:
     # pointers to each other: a two-step loop.
     head = struct.pack("!6H", 1, 0x8180, 1, 0, 0, 0) + b"\x01a\x01b\x00\x00\x01\x00\x01"
     msg = head + b"\x01c\xc0\x0c" + b"\xc0\x1b" + b"\xc0\x19"
-    assert dns._read_name(msg, 21) == ("c.a.b", 25)
-    assert dns._read_name(msg, 25) == (None, -1)
-    assert dns._read_name(msg, 27) == (None, -1)
+    assert dns_wire.read_name(msg, 21) == ("c.a.b", 25)
+    assert dns_wire.read_name(msg, 25) == (None, -1)
+    assert dns_wire.read_name(msg, 27) == (None, -1)
     chain = msg + b"\x01d\xc0\x15"  # d → c → a.b, each jump further back
-    assert dns._read_name(chain, len(msg)) == ("d.c.a.b", len(msg) + 4)
+    assert dns_wire.read_name(chain, len(msg)) == ("d.c.a.b", len(msg) + 4)
 
 
 def test_names_longer_than_255_bytes_are_refused() -> None:
     labels = [b"x" * 63] * 4  # 4 * 64 + 1 = 257 bytes on the wire
-    assert dns._read_name(_query(1, labels), 12) == (None, -1)
-    assert dns._read_name(_query(1, labels[:3] + [b"x" * 61]), 12)[0] is not None
+    assert dns_wire.read_name(_query(1, labels), 12) == (None, -1)
+    assert dns_wire.read_name(_query(1, labels[:3] + [b"x" * 61]), 12)[0] is not None
 
 
 # -- the registry -------------------------------------------------------------------------------

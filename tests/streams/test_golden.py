@@ -6,7 +6,8 @@ from kubesight.streams.golden import WindowStore
 from kubesight.streams.sketch import LatencySketch
 
 SERIES = {"side": "server", "protocol": "http", "src_namespace": "", "src_workload": "wrk",
-          "dst_namespace": "", "dst_workload": "nginx", "endpoint": "/", "status": "200"}
+          "dst_namespace": "", "dst_workload": "nginx", "src_pod": "", "dst_pod": "",
+          "endpoint": "/", "status": "200"}
 
 
 def partial(start: int, latencies: list[float], errors: int = 0) -> dict[str, Any]:

@@ -142,3 +142,17 @@ def test_a_send_that_failed_on_a_dead_connection_still_answers_the_request() -> 
         [KIND_DATA_OUT, 2 * S, -32, RESP], [KIND_CLOSE, 2 * S, 0, b""]]))
     assert (rec["side"], rec["status"], rec["response_bytes"]) == ("server", "200", len(RESP))
     assert r.parser_counters()["failed_sends"] == 1
+
+
+def test_requests_carry_their_connections_rtt_and_retransmits() -> None:
+    r = reassembler()
+    first = batch(1, "curl", ("10.0.0.1", 5000), ("10.9.9.9", 8080),
+                  [[KIND_DATA_OUT, S, len(REQ), REQ], [KIND_DATA_IN, 2 * S, len(RESP), RESP]])
+    first["conn"] |= {"srtt_us": 180, "retrans": 0}
+    later = batch(1, "curl", ("10.0.0.1", 5000), ("10.9.9.9", 8080),
+                  [[KIND_DATA_OUT, 3 * S, len(REQ), REQ], [KIND_DATA_IN, 4 * S, len(RESP), RESP]])
+    later["conn"] |= {"srtt_us": 41000, "retrans": 7}  # the path got lossy and slow
+    [a] = r.on_batch("c", first)
+    [b] = r.on_batch("c", later)
+    assert (a["rtt_us"], a["retransmits"]) == (180, 0)
+    assert (b["rtt_us"], b["retransmits"]) == (41000, 7)

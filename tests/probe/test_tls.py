@@ -1,0 +1,93 @@
+"""TLS plaintext from uprobes, for a TLS library that only appears after the probe started.
+
+A copy of the system's libssl.so.3 is a different file (another inode): the uprobes attached
+at start do not cover it. A client started afterwards with that copy on LD_LIBRARY_PATH must
+be found by the probe's rescan, and its HTTPS request and response seen as plaintext, flagged
+TLS, with no ciphertext event at all.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubesight.probe.l7 import L7_DATA_IN, L7_DATA_OUT, L7_FLAG_TLS, L7Probe
+
+from tests.e2e.harness import Nginx, wait_for
+
+from .conftest import poll_until
+
+CLIENT = r"""
+import socket, ssl, sys
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+print("ready", flush=True)
+sys.stdin.readline()
+with socket.create_connection(("127.0.0.1", int(sys.argv[1]))) as raw:
+    with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(b"GET /small HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := tls.recv(4096):
+            reply += chunk
+print(reply.split(b"\r\n", 1)[0].decode(), flush=True)
+"""
+
+
+def _system_libssl() -> Path:
+    for candidate in ("/lib/x86_64-linux-gnu/libssl.so.3", "/usr/lib/x86_64-linux-gnu/libssl.so.3"):
+        if Path(candidate).exists():
+            return Path(candidate)
+    name = ctypes.util.find_library("ssl")
+    if name is None:
+        pytest.skip("no libssl on this machine")
+    return Path("/lib") / name
+
+
+@pytest.fixture
+def nginx_tls(tmp_path: Path) -> Iterator[Nginx]:
+    server = Nginx(tmp_path, tls=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_libssl_copy_loaded_after_start_is_probed_and_read_as_plaintext(
+        bpf_dir: Path, nginx_tls: Nginx, tmp_path: Path) -> None:
+    libdir = tmp_path / "lib"
+    libdir.mkdir()
+    copy = libdir / "libssl.so.3"
+    shutil.copy(_system_libssl(), copy)
+    with L7Probe(bpf_dir=bpf_dir) as probe:
+        assert str(copy) not in probe.tls_libraries
+        client = subprocess.Popen([sys.executable, "-c", CLIENT, str(nginx_tls.port)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, "LD_LIBRARY_PATH": str(libdir)})
+        assert client.stdin is not None and client.stdout is not None
+        try:
+            assert client.stdout.readline().strip() == "ready"
+            assert str(copy) in Path(f"/proc/{client.pid}/maps").read_text()
+            wait_for("the probe's rescan to find the libssl copy", lambda: (
+                probe.scan_tls() or True) and str(copy) in probe.tls_libraries, timeout=30)
+            client.stdin.write("go\n")
+            client.stdin.flush()
+            assert client.stdout.readline().strip() == "HTTP/1.1 200 OK"
+            mine = poll_until(probe, lambda evs: any(
+                e.tgid == client.pid and e.kind == L7_DATA_IN for e in evs))
+        finally:
+            client.kill()
+            client.wait()
+            client.stdin.close()
+            client.stdout.close()
+    data = [e for e in mine if e.tgid == client.pid and e.kind in (L7_DATA_OUT, L7_DATA_IN)]
+    assert data and all(e.flags & L7_FLAG_TLS for e in data)  # never the ciphertext
+    assert [e.payload[:10] for e in data if e.kind == L7_DATA_OUT] == [b"GET /small"]
+    assert data[-1].payload.startswith(b"HTTP/1.1 200 OK")
