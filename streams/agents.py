@@ -58,7 +58,7 @@ reassembler = Reassembler(
     identity=identity)
 store = WindowStore(window_seconds=config.streams.window_seconds,
                     grace_seconds=config.streams.grace_seconds)
-network = NetworkAggregator(window_seconds=config.streams.window_seconds)
+network = NetworkAggregator(window_seconds=config.streams.window_seconds, identity=identity)
 network_store = NetworkWindowStore(window_seconds=config.streams.window_seconds,
                                    grace_seconds=config.streams.grace_seconds)
 counters = collections.Counter[str]()

@@ -18,12 +18,13 @@ start) and closed, connect failures by kind, segments retransmitted, resets sent
 received, payload bytes sent and received; and the smoothed RTT distribution, one sample per
 segment the kernel received (``rtt_sum_us`` keeps the exact sum for a summary's ``_sum``).
 
-Naming follows streams/reassembly.py (bare host; Kubernetes identity replaces it later): the
-observing end is its process (``comm``), the other end the process the kernel found on this
-node (``peer_comm``: a loopback listener, or the client of a same-node connection), else the
-listener of the address (``meta.v1``), else the address (``peer_name``). A client's edge is
-(client → server it called), a server's edge is (client that called → server): both ends of a
-same-node connection report the same edge, once per side.
+Naming follows streams/reassembly.py: in Kubernetes an address of a pod is that pod's namespace
+and workload, a service's cluster IP the workload behind it (``identity``, fed by ``k8s.v1``);
+otherwise, on a bare host, the observing end is its process (``comm``), the other end the
+process the kernel found on this node (``peer_comm``: a loopback listener, or the client of a
+same-node connection), else the listener of the address (``meta.v1``), else the address
+(``peer_name``). A client's edge is (client → server it called), a server's edge is (client
+that called → server): both ends of a same-node connection report the same edge, once per side.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .identity import IdentityTable
 from .reassembly import LOOPBACK, WILDCARD, peer_name
 from .sketch import LatencySketch
 
@@ -120,8 +122,9 @@ def series_key(series: Series) -> bytes:
 class NetworkAggregator:
     """Names and aggregates tcp.v1 intervals; holds only the listener table."""
 
-    def __init__(self, *, window_seconds: int) -> None:
+    def __init__(self, *, window_seconds: int, identity: IdentityTable | None = None) -> None:
         self.window_seconds = window_seconds
+        self.identity = identity  # Kubernetes names, when k8s.v1 has them (streams/identity.py)
         self.listeners: dict[tuple[str, str, int], str] = {}  # (node, addr, port) → workload
         self.counters = collections.Counter[str]()
         self._partials: dict[Series, dict[int, _Partial]] = {}
@@ -161,26 +164,42 @@ class NetworkAggregator:
                 **{k: int(conntrack[k]) for k in ("entries", "max", "drop", "early_drop",
                                                    "insert_failed")}}
 
-    def names(self, node: str, r: dict[str, Any]) -> tuple[str, str, str, int]:
-        """(side, src workload, dst workload, dst port) of one interval."""
+    def names(self, node: str, r: dict[str, Any]
+              ) -> tuple[str, tuple[str, str], tuple[str, str], int]:
+        """(side, (src namespace, workload), (dst namespace, workload), dst port) of one
+        interval. A pod's address is named by its pod's workload, a service's cluster IP by
+        the workload behind it; else bare-host naming (process, listener, address)."""
         laddr, lport, raddr, rport = r["laddr"], int(r["lport"]), r["raddr"], int(r["rport"])
         role = r["role"]
         if role not in ("client", "server"):  # adopted: a listening port means server
             role = "server" if self._listener(node, laddr, lport, laddr) else "client"
         if role == "client":
-            src = r["comm"] or peer_name(laddr)
-            dst = (r["peer_comm"] or self._listener(node, raddr, rport, laddr)
-                   or peer_name(raddr))
+            src = self._pod(laddr) or ("", r["comm"] or peer_name(laddr))
+            dst = self._pod(raddr, rport) or ("", r["peer_comm"] or self._listener(
+                node, raddr, rport, laddr) or peer_name(raddr))
             return "client", src, dst, rport
-        src = r["peer_comm"] or peer_name(raddr)
-        dst = r["comm"] or self._listener(node, laddr, lport, laddr) or peer_name(laddr)
+        src = self._pod(raddr) or ("", r["peer_comm"] or peer_name(raddr))
+        dst = self._pod(laddr) or ("", r["comm"] or self._listener(node, laddr, lport, laddr)
+                                   or peer_name(laddr))
         return "server", src, dst, lport
 
+    def _pod(self, addr: str, port: int | None = None) -> tuple[str, str] | None:
+        ident = self.identity
+        if ident is None or addr in LOOPBACK:
+            return None
+        pod = ident.pod_for_ip(addr)
+        if pod is not None:
+            return pod.namespace, pod.workload
+        svc = ident.service_for(addr, port) if port is not None else None
+        if svc is not None:
+            return ident.service_workload(svc) or (svc.namespace, svc.name)
+        return None
+
     def _add(self, node: str, r: dict[str, Any]) -> None:
-        side, src, dst, port = self.names(node, r)
-        local = src if side == "client" else dst
-        edge: Series = ("edge", (node, side, "", src, "", dst, str(port)))
-        workload: Series = ("workload", (node, side, "", local))
+        side, (src_ns, src), (dst_ns, dst), port = self.names(node, r)
+        local_ns, local = (src_ns, src) if side == "client" else (dst_ns, dst)
+        edge: Series = ("edge", (node, side, src_ns, src, dst_ns, dst, str(port)))
+        workload: Series = ("workload", (node, side, local_ns, local))
         window = self._window(int(r["ts"]))
         for series in (edge, workload):
             p = self._partial(series, window)

@@ -78,25 +78,26 @@ def test_client_and_server_ends_of_one_connection_report_one_edge_per_side() -> 
 
 @pytest.mark.parametrize(("over", "listeners", "expected"), [
     # the kernel named the peer: taken as is
-    ({}, {}, ("client", "curl", "nginx", 8080)),
+    ({}, {}, ("client", ("", "curl"), ("", "nginx"), 8080)),
     # no peer process: the listener of the address (loopback falls back to the wildcard)
-    ({"peer_comm": ""}, {("0.0.0.0", 8080): "envoy"}, ("client", "curl", "envoy", 8080)),
+    ({"peer_comm": ""}, {("0.0.0.0", 8080): "envoy"},
+     ("client", ("", "curl"), ("", "envoy"), 8080)),
     # nobody known: private addresses stay, public ones are "external"
-    ({"peer_comm": "", "raddr": "10.1.2.3"}, {}, ("client", "curl", "10.1.2.3", 8080)),
-    ({"peer_comm": "", "raddr": "8.8.8.8"}, {}, ("client", "curl", "external", 8080)),
+    ({"peer_comm": "", "raddr": "10.1.2.3"}, {}, ("client", ("", "curl"), ("", "10.1.2.3"), 8080)),
+    ({"peer_comm": "", "raddr": "8.8.8.8"}, {}, ("client", ("", "curl"), ("", "external"), 8080)),
     # a server end without processes: named by its listener, the client by address
     ({"role": "server", "comm": "", "peer_comm": "", "laddr": "10.0.0.5", "lport": 5432,
       "raddr": "10.0.0.9", "rport": 50000}, {("10.0.0.5", 5432): "postgres"},
-     ("server", "10.0.0.9", "postgres", 5432)),
+     ("server", ("", "10.0.0.9"), ("", "postgres"), 5432)),
     # adopted (open before the probe): a listening local port makes it the server end
     ({"role": "unknown", "comm": "", "peer_comm": "", "laddr": "10.0.0.5", "lport": 5432,
       "raddr": "10.0.0.9", "rport": 50000}, {("10.0.0.5", 5432): "postgres"},
-     ("server", "10.0.0.9", "postgres", 5432)),
+     ("server", ("", "10.0.0.9"), ("", "postgres"), 5432)),
     ({"role": "unknown", "comm": "", "peer_comm": "", "laddr": "10.0.0.5", "lport": 50000,
-      "raddr": "10.0.0.9", "rport": 443}, {}, ("client", "10.0.0.5", "10.0.0.9", 443)),
+      "raddr": "10.0.0.9", "rport": 443}, {}, ("client", ("", "10.0.0.5"), ("", "10.0.0.9"), 443)),
 ])
 def test_names(over: dict[str, Any], listeners: dict[tuple[str, int], str],
-               expected: tuple[str, str, str, int]) -> None:
+               expected: tuple[str, tuple[str, str], tuple[str, str], int]) -> None:
     agg = NetworkAggregator(window_seconds=10)
     for (addr, port), comm in listeners.items():
         agg.on_listener({"node": NODE, "addr": addr, "port": port, "comm": comm,
@@ -228,3 +229,22 @@ def test_window_state_round_trips() -> None:
     assert again == win
     # 5000 µs shares its log2 slot [4096, 8192) with nothing: narrowed to [4096, max].
     assert 4096e-6 <= again.rtt.quantile(1.0) <= 5000e-6 * 1.01
+
+
+def test_pod_addresses_and_cluster_ips_are_named_by_their_kubernetes_workload() -> None:
+    """A TCP edge between pods carries the same names as the requests on it."""
+    from .test_identity import pod, service, slice_of, table
+
+    identity = table(pod("gw-0", "10.244.0.5", workload="gateway"),
+                     pod("api-0", "10.244.0.7", workload="api"),
+                     service("api", "10.96.0.10", 80),
+                     slice_of("api", [("api-0", "10.244.0.7")]))
+    agg = NetworkAggregator(window_seconds=10, identity=identity)
+    by_pod_ip = interval(comm="gw", peer_comm="", laddr="10.244.0.5", raddr="10.244.0.7")
+    by_cluster_ip = interval(comm="gw", peer_comm="", laddr="10.244.0.5", raddr="10.96.0.10",
+                             rport=80)
+    server_end = interval(role="server", comm="api", peer_comm="", laddr="10.244.0.7",
+                          lport=8080, raddr="10.244.0.5", rport=40000)
+    assert agg.names(NODE, by_pod_ip) == ("client", ("shop", "gateway"), ("shop", "api"), 8080)
+    assert agg.names(NODE, by_cluster_ip) == ("client", ("shop", "gateway"), ("shop", "api"), 80)
+    assert agg.names(NODE, server_end) == ("server", ("shop", "gateway"), ("shop", "api"), 8080)
