@@ -102,7 +102,7 @@ class NetworkRecord(TypedDict):
     entries, max and cumulative drops)."""
 
     v: NotRequired[int]
-    kind: str  # "edge", "workload" or "conntrack"
+    kind: str  # "edge", "workload", "pod" or "conntrack"
     labels: NotRequired[dict[str, str]]
     window_start: NotRequired[int]
     window_seconds: NotRequired[int]

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 EDGE_LABELS = ("node", "side", "src_namespace", "src_workload", "dst_namespace", "dst_workload",
                "dst_port")
 WORKLOAD_LABELS = ("node", "side", "namespace", "workload")
+POD_LABELS = ("node", "side", "namespace", "workload", "pod")
 COUNTS = ("opened", "closed", "failed_refused", "failed_timeout", "failed_unreachable",
           "retransmits", "resets_sent", "resets_received", "bytes_sent", "bytes_received",
           "rtt_sum_us")
@@ -65,6 +66,7 @@ class NetworkView:
     def __init__(self) -> None:
         self._edges: dict[tuple[str, ...], _Series] = {}
         self._workloads: dict[tuple[str, ...], _Series] = {}
+        self._pods: dict[tuple[str, ...], _Series] = {}
         self._conntrack: dict[str, NetworkRecord] = {}
 
     def apply(self, batch: Sequence[NetworkRecord]) -> tuple[int, int]:
@@ -89,7 +91,7 @@ class NetworkView:
             if old is None or float(record["ts"]) >= float(old["ts"]):
                 self._conntrack[node] = record
             return
-        names = {"edge": EDGE_LABELS, "workload": WORKLOAD_LABELS}.get(kind)
+        names = {"edge": EDGE_LABELS, "workload": WORKLOAD_LABELS, "pod": POD_LABELS}.get(kind)
         if names is None:
             raise ValueError(f"unknown network record kind {kind!r}")
         labels: dict[str, Any] = record["labels"]
@@ -100,7 +102,7 @@ class NetworkView:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"counts.{name} must be an integer, got {value!r}")
         sketch = LatencySketch.from_wire(record["rtt"])
-        table = self._edges if kind == "edge" else self._workloads
+        table = {"edge": self._edges, "workload": self._workloads, "pod": self._pods}[kind]
         key = tuple(str(labels[n]) for n in names)
         series = table.get(key)
         if series is None:
@@ -149,6 +151,18 @@ class NetworkView:
         yield ("kubesight_tcp_workload_rtt_seconds", "summary",
                "Smoothed RTT of all of a workload's connections, by the side it was on.",
                _summary(workloads, wpairs))
+        pods = sorted(self._pods.items())
+        ppairs = {key: tuple(zip(POD_LABELS, key, strict=True)) for key, _ in pods}
+        yield ("kubesight_tcp_pod_rtt_seconds", "summary",
+               "Smoothed RTT of all of a pod's connections, by the side it was on.",
+               _summary(pods, ppairs))
+        yield ("kubesight_tcp_pod_retransmits_total", "counter",
+               "TCP segments a pod's connections retransmitted.",
+               [("", ppairs[k], float(s.counts["retransmits"])) for k, s in pods])
+        yield ("kubesight_tcp_pod_bytes_total", "counter",
+               "TCP payload bytes a pod's connections sent and received.",
+               [("", (*ppairs[k], ("direction", d)), float(s.counts[c])) for k, s in pods
+                for d, c in (("sent", "bytes_sent"), ("received", "bytes_received"))])
         nodes = sorted(self._conntrack.items())
         yield ("kubesight_conntrack_entries", "gauge",
                "Connection-tracking entries in use on the node (its latest report).",

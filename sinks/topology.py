@@ -243,6 +243,9 @@ class TopologyView:
                         self._hosts[key] = (seen, str(labels["node"]))
                     written += 1
                     continue
+                if kind == "pod":  # the pod view takes its TCP signals from workload edges
+                    written += 1
+                    continue
                 if kind != "edge":
                     raise ValueError(f"unknown network record kind {kind!r}")
                 leaf: TcpLeaf = (

@@ -42,13 +42,16 @@ from .reassembly import LOOPBACK, WILDCARD, peer_name
 from .sketch import LatencySketch
 
 __all__ = [
-    "COUNTS", "EDGE_LABELS", "FAILURE_KINDS", "WORKLOAD_LABELS", "MalformedNetworkBatch",
-    "NetworkAggregator", "NetworkWindow", "NetworkWindowStore", "failure_kind", "rtt_sketch",
+    "COUNTS", "EDGE_LABELS", "FAILURE_KINDS", "POD_LABELS", "WORKLOAD_LABELS",
+    "MalformedNetworkBatch", "NetworkAggregator", "NetworkWindow", "NetworkWindowStore",
+    "failure_kind", "rtt_sketch",
 ]
 
 EDGE_LABELS = ("node", "side", "src_namespace", "src_workload", "dst_namespace", "dst_workload",
                "dst_port")
 WORKLOAD_LABELS = ("node", "side", "namespace", "workload")
+POD_LABELS = ("node", "side", "namespace", "workload", "pod")  # the observing end (Kubernetes)
+LABELS = {"edge": EDGE_LABELS, "workload": WORKLOAD_LABELS, "pod": POD_LABELS}
 FAILURE_KINDS = ("refused", "timeout", "unreachable")
 COUNTS = ("opened", "closed", "failed_refused", "failed_timeout", "failed_unreachable",
           "retransmits", "resets_sent", "resets_received", "bytes_sent", "bytes_received",
@@ -112,7 +115,7 @@ class _Partial:
         return {"window_start": window_start, "counts": self.counts, "rtt": self.rtt.to_wire()}
 
 
-Series = tuple[str, tuple[str, ...]]  # ("edge" | "workload", label values)
+Series = tuple[str, tuple[str, ...]]  # ("edge" | "workload" | "pod", label values)
 
 
 def series_key(series: Series) -> bytes:
@@ -195,13 +198,24 @@ class NetworkAggregator:
             return ident.service_workload(svc) or (svc.namespace, svc.name)
         return None
 
+    def _local_pod(self, addr: str) -> tuple[str, str, str] | None:
+        ident = self.identity
+        if ident is None or addr in LOOPBACK:
+            return None
+        pod = ident.pod_for_ip(addr)
+        return (pod.namespace, pod.workload, pod.pod) if pod is not None else None
+
     def _add(self, node: str, r: dict[str, Any]) -> None:
         side, (src_ns, src), (dst_ns, dst), port = self.names(node, r)
         local_ns, local = (src_ns, src) if side == "client" else (dst_ns, dst)
         edge: Series = ("edge", (node, side, src_ns, src, dst_ns, dst, str(port)))
         workload: Series = ("workload", (node, side, local_ns, local))
+        targets = [edge, workload]
+        pod = self._local_pod(r["laddr"])
+        if pod is not None:  # one replica's network must be visible on its own
+            targets.append(("pod", (node, side, *pod)))
         window = self._window(int(r["ts"]))
-        for series in (edge, workload):
+        for series in targets:
             p = self._partial(series, window)
             counts = p.counts
             for name in ("retransmits", "resets_sent", "resets_received", "bytes_sent",
@@ -236,7 +250,7 @@ class NetworkAggregator:
         partials, self._partials = self._partials, {}
         out = []
         for (kind, values), windows in partials.items():
-            names = EDGE_LABELS if kind == "edge" else WORKLOAD_LABELS
+            names = LABELS[kind]
             out.append((series_key((kind, values)), {
                 "v": 1, "kind": kind, "labels": dict(zip(names, values, strict=True)),
                 "windows": [p.to_wire(start) for start, p in sorted(windows.items())],
@@ -246,7 +260,7 @@ class NetworkAggregator:
 
 @dataclasses.dataclass(slots=True)
 class NetworkWindow:
-    kind: str  # "edge" | "workload"
+    kind: str  # "edge" | "workload" | "pod"
     labels: dict[str, str]
     start: int
     partition: int
@@ -294,7 +308,7 @@ class NetworkWindowStore:
     def merge(self, key: bytes, message: dict[str, Any], partition: int) -> list[bytes]:
         """Fold one netseries.v1 message in; returns the window keys it changed."""
         kind, labels = str(message["kind"]), dict(message["labels"])
-        if kind not in ("edge", "workload"):
+        if kind not in LABELS:
             raise ValueError(f"unknown series kind {kind!r}")
         changed = []
         for partial in message["windows"]:

@@ -143,6 +143,12 @@ def test_calls_by_pod_ip_and_cluster_ip_carry_namespace_workload_and_pod(
         pipe.wait_total(2 * CALLS, REQ, side="client", **names)
         pipe.wait_total(2 * CALLS, REQ, side="server", **names)
         assert pipe.total(REQ, src_namespace=ns, src_workload="curl") == 0
+        # Pods are metric labels too, and the TCP signals exist per pod: one replica's
+        # latency and network can be told from its siblings'.
+        pipe.wait_total(2 * CALLS, REQ, side="server", dst_pod=backend_pod, **names)
+        wait_for("the backend pod's TCP signals", lambda: pipe.series(
+            "kubesight_tcp_pod_bytes_total", namespace=ns, workload="backend", pod=backend_pod,
+            side="server", direction="received"), timeout=90)
 
         records = [r for m in read_topic(pipe.config, "requests.v1") for r in m["requests"]
                    if r["src_namespace"] == ns]

@@ -107,3 +107,27 @@ def test_malformed_network_records_are_counted_not_fatal(sink: PrometheusSink) -
     written = rejected - {("outcome", "rejected")} | {("outcome", "written")}
     assert samples[("kubesight_sink_records_total", rejected)] == 3
     assert samples[("kubesight_sink_records_total", written)] == 1
+
+
+def test_pod_level_tcp_signals_single_out_one_replica(sink: PrometheusSink) -> None:
+    def pod(name: str) -> dict[str, str]:
+        return {"node": "n1", "side": "server", "namespace": "shop", "workload": "api",
+                "pod": name}
+
+    sink.write_network([
+        window(100, [0.0002] * 5, kind="pod", labels=pod("api-a"), bytes_sent=10),
+        window(100, [0.080] * 5, kind="pod", labels=pod("api-b"), retransmits=9,
+               bytes_sent=10),
+    ])
+    samples, types = scrape(sink)
+
+    def value(metric: str, name: str, **extra: str) -> float:
+        return samples[(metric, frozenset({**pod(name), **extra}.items()))]
+
+    assert value("kubesight_tcp_pod_retransmits_total", "api-b") == 9
+    assert value("kubesight_tcp_pod_retransmits_total", "api-a") == 0
+    assert value("kubesight_tcp_pod_rtt_seconds", "api-b", quantile="0.5") == pytest.approx(
+        0.080, rel=0.01)
+    assert value("kubesight_tcp_pod_rtt_seconds", "api-a", quantile="0.5") < 0.001
+    assert value("kubesight_tcp_pod_bytes_total", "api-a", direction="sent") == 10
+    assert types["kubesight_tcp_pod_rtt_seconds"] == "summary"

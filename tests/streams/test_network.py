@@ -248,3 +248,32 @@ def test_pod_addresses_and_cluster_ips_are_named_by_their_kubernetes_workload() 
     assert agg.names(NODE, by_pod_ip) == ("client", ("shop", "gateway"), ("shop", "api"), 8080)
     assert agg.names(NODE, by_cluster_ip) == ("client", ("shop", "gateway"), ("shop", "api"), 80)
     assert agg.names(NODE, server_end) == ("server", ("shop", "gateway"), ("shop", "api"), 8080)
+
+
+def test_a_pod_end_also_reports_under_its_pod() -> None:
+    from .test_identity import pod, table
+
+    agg = NetworkAggregator(window_seconds=10, identity=table(
+        pod("api-7f-x", "10.244.0.7", workload="api")))
+    agg.on_batch({"v": 1, "node": NODE, "ts": T0 * 10**9, "connections": [interval(
+        role="server", comm="api", peer_comm="", laddr="10.244.0.7", lport=8080,
+        raddr="10.244.0.5", rport=40000, retransmits=3)]})
+    got = partials(agg)
+    assert got[("pod", NODE, "server", "shop", "api", "api-7f-x")][T0]["retransmits"] == 3
+    assert got[("workload", NODE, "server", "shop", "api")][T0]["retransmits"] == 3
+
+
+def test_pod_series_are_windowed_like_the_others() -> None:
+    from .test_identity import pod, table
+
+    agg = NetworkAggregator(window_seconds=10, identity=table(
+        pod("api-7f-x", "10.244.0.7", workload="api")))
+    agg.on_batch(batch(interval(role="server", comm="api", peer_comm="", laddr="10.244.0.7",
+                                lport=8080, raddr="10.244.0.5", rport=40000)))
+    store = NetworkWindowStore(window_seconds=10, grace_seconds=0, clock=lambda: T0 + 100)
+    for key, msg in agg.take_partials():
+        store.merge(key, msg, partition=0)
+    [pod_window] = [w for _k, w in store.due() if w.kind == "pod"]
+    record = pod_window.to_record(10)
+    validate("network.v1", record)
+    assert record["labels"]["pod"] == "api-7f-x" and record["counts"]["bytes_received"] == 2000
