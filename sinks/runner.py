@@ -33,6 +33,25 @@ LAG_INTERVAL_S = 5.0
 MAX_BACKOFF_S = 30.0
 
 
+class ReplayGate:
+    """Skips records a sink was already given: after a rebalance (the broker restarting is
+    one) the consumer starts again from the last *committed* offset, and commits made while
+    the broker was down failed, so records already applied come back. Sinks keep counters:
+    applying them twice would double-count. Per (topic, partition), the highest offset
+    applied is remembered; the sink's own state lives no longer than this process."""
+
+    def __init__(self) -> None:
+        self._applied: dict[tuple[str, int], int] = {}
+
+    def fresh(self, topic: str, partition: int, offset: int) -> bool:
+        return offset > self._applied.get((topic, partition), -1)
+
+    def applied(self, topic: str, partition: int, offset: int) -> None:
+        key = (topic, partition)
+        if offset > self._applied.get(key, -1):
+            self._applied[key] = offset
+
+
 class SinkRunner:
     def __init__(self, config: Config, group: str = "kubesight-sink") -> None:
         self.config = config
@@ -45,6 +64,7 @@ class SinkRunner:
             **base, "group.id": group, "enable.auto.commit": False,
             "auto.offset.reset": "earliest", "fetch.wait.max.ms": 200,
         })
+        self._gate = ReplayGate()
         self._golden = config.topic("golden.v1")
         self._health = config.topic("health.v1")
         self._node = config.topic("node.v1")  # straight from the probes: no worker step
@@ -84,11 +104,16 @@ class SinkRunner:
         health: list[HealthRecord] = []
         nodes: list[NodeRecord] = []
         network: list[NetworkRecord] = []
+        taken: list[Any] = []
         for m in msgs:
             if m.error():
                 self.counters["kafka_errors"] += 1
                 log.warning("consume error: %s", m.error())
                 continue
+            if not self._gate.fresh(m.topic(), m.partition(), m.offset()):
+                self.counters["replayed_records_skipped"] += 1
+                continue
+            taken.append(m)
             try:
                 record = msgpack.unpackb(m.value(), raw=False)
             except (ValueError, msgpack.UnpackException):
@@ -127,6 +152,8 @@ class SinkRunner:
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
         if pending:
             return  # stopping: do not commit what was not written everywhere
+        for m in taken:
+            self._gate.applied(m.topic(), m.partition(), m.offset())
         try:
             self._consumer.commit(asynchronous=True)
         except KafkaException as exc:
