@@ -14,6 +14,7 @@ import pytest
 
 from kubesight.process import pid_alive
 from tests.conftest import free_ports
+from tests.promtext import parse
 
 from .conftest import _need_root_and_bpf
 from .harness import REPO, wait_for
@@ -64,9 +65,13 @@ def test_up_status_and_ctrl_c(tmp_path: Path) -> None:
         # This scrape is itself a request (curl → the sink): it shows up as a client request.
         subprocess.run(["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{prom}/metrics"],
                        check=True, timeout=30)
-        wait_for("curl's request in the metrics",
-                 lambda: 'src_workload="curl",dst_namespace="",dst_workload="ks-sink"'
-                 in metrics(), timeout=60)
+        def curl_counted() -> bool:
+            samples, _helps, _types = parse(metrics())
+            return any(name == "kubesight_requests_total" and value >= 1
+                       and {("src_workload", "curl"), ("dst_workload", "ks-sink")} <= set(labels)
+                       for (name, labels), value in samples.items())
+
+        wait_for("curl's request in the metrics", curl_counted, timeout=60)
         pids = {p.stem: int(p.read_text()) for p in (tmp_path / "state" / "run").glob("*.pid")}
         pids["kafka"] = int((tmp_path / "state" / "kafka" / "broker.pid").read_text())
         assert {"supervisor", "probe", "worker", "sink", "kafka"} <= set(pids)
