@@ -31,7 +31,7 @@ __all__ = [
 # The label set of every golden series, in exposition order (a contract: DESIGN.md).
 SERIES_LABELS: tuple[str, ...] = (
     "side", "protocol", "src_namespace", "src_workload", "src_pod", "dst_namespace",
-    "dst_workload", "dst_pod", "endpoint", "status",
+    "dst_workload", "dst_pod", "dst_service", "endpoint", "status",
 )
 
 
@@ -44,6 +44,7 @@ class SeriesLabels(TypedDict):
     dst_namespace: str
     dst_workload: str
     dst_pod: str
+    dst_service: str  # the called Kubernetes service; "" when none (or not one) claims it
     endpoint: str
     status: str
 

@@ -302,7 +302,7 @@ class PrometheusSink(Sink[PrometheusConfig]):
 
 def _series_key(record: WindowRecord) -> tuple[str, ...]:
     series: Mapping[str, Any] = record["series"]
-    if set(series) != set(SERIES_LABELS):
+    if set(series) | _OPTIONAL_LABELS != set(SERIES_LABELS):
         raise ValueError(f"series labels must be exactly {SERIES_LABELS}, got {sorted(series)}")
     for field in ("count", "errors", "slow", "window_start"):
         value = record[field]
@@ -310,7 +310,11 @@ def _series_key(record: WindowRecord) -> tuple[str, ...]:
             raise TypeError(f"{field} must be an integer, got {value!r}")
     if not isinstance(record["sum_seconds"], int | float):
         raise TypeError(f"sum_seconds must be a number, got {record['sum_seconds']!r}")
-    return tuple(str(series[name]) for name in SERIES_LABELS)
+    return tuple(str(series.get(name, "")) for name in SERIES_LABELS)
+
+
+# Labels added to series.v1 after its first release: records written before lack them.
+_OPTIONAL_LABELS = frozenset({"dst_service"})
 
 
 def _sketch_of(record: WindowRecord) -> LatencySketch:

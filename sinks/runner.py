@@ -7,6 +7,10 @@ paused meanwhile, so Kafka is the buffer), and each failure is counted and logge
 
 It also measures the stream workers' consumer lag on ``raw.v1`` and reports it as the
 sink's own health, next to the metrics that lag would delay.
+
+Node samples name processes and pods by pod UID (the probe reads it from the cgroup); the
+runner follows ``k8s.v1`` (a thread, ``K8sFollower``) and adds the pod's namespace, name and
+workload before any sink sees the sample, so the top-N says which pod, not which UID.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import msgpack
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from kubesight.streams.identity import IdentityTable, K8sFollower
 
 from kubesight.config import Config
 from kubesight.process import run_component
@@ -31,6 +37,16 @@ log = logging.getLogger("kubesight.sink")
 
 LAG_INTERVAL_S = 5.0
 MAX_BACKOFF_S = 30.0
+
+
+def name_pods(record: Mapping[str, Any], identity: IdentityTable) -> None:
+    """Add namespace, pod and workload to each top-N process and pod whose pod UID the k8s.v1
+    table knows (in place); others are left as they are (the sink shows "")."""
+    for entry in (*record.get("top", ()), *record.get("pods", ())):
+        uid = entry.get("pod_uid") if isinstance(entry, dict) else None
+        pod = identity.pod_for_uid(uid) if isinstance(uid, str) else None
+        if pod is not None:
+            entry.update(namespace=pod.namespace, pod=pod.pod, workload=pod.workload)
 
 
 class ReplayGate:
@@ -76,12 +92,24 @@ class SinkRunner:
         # Reads the workers' committed offsets; never joins their group.
         self._lag_probe = Consumer({**base, "group.id": config.streams.app_id,
                                     "enable.auto.commit": False})
+        self.identity = IdentityTable()
+        self._k8s = K8sFollower(base, config.topic("k8s.v1"), f"{group}-k8s", self.identity)
+        self._k8s_thread = threading.Thread(target=self._follow_k8s, name="k8s.v1",
+                                            daemon=True)
+
+    def _follow_k8s(self) -> None:
+        while not self._stop.is_set():
+            self._k8s.poll(1.0)
+            if not self._k8s.reading:
+                self._stop.wait(5.0)  # no topic yet (no metadata watcher, or not yet)
+        self._k8s.close()
 
     def stop(self, *_: Any) -> None:
         self._stop.set()
 
     def run(self) -> None:
         next_lag = 0.0
+        self._k8s_thread.start()
         try:
             while not self._stop.is_set():
                 msgs = self._consumer.consume(num_messages=1000, timeout=0.5)
@@ -93,6 +121,8 @@ class SinkRunner:
                     self._report_own_health()
                     next_lag = now + LAG_INTERVAL_S
         finally:
+            self._stop.set()
+            self._k8s_thread.join(timeout=5)
             self._consumer.close()
             self._lag_probe.close()
             self._producer.flush(10)
@@ -120,6 +150,8 @@ class SinkRunner:
                 self.counters["undecodable_records"] += 1
                 continue
             if m.topic() == self._node:
+                if isinstance(record, dict):
+                    name_pods(record, self.identity)
                 nodes.append(record)
                 continue
             if m.topic() == self._network:
@@ -197,6 +229,8 @@ class SinkRunner:
 
     def _report_own_health(self) -> None:
         counters = dict(self.counters)
+        counters["k8s_records"] = self.identity.applied
+        counters["k8s_malformed"] = self._k8s.malformed
         lag = self._raw_lag()
         if lag is not None:
             counters["worker_consumer_lag_raw"] = lag

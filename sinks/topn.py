@@ -27,8 +27,12 @@ log = logging.getLogger(__name__)
 TOP_HISTORY_SAMPLES = 720  # an hour at the probe's default 5 s interval
 TOP_TRACKED_PER_NODE = 50
 
-PROCESS_LABELS = ("rank", "pid", "comm", "exe", "pod_uid", "container_id")
-_IDENTITY = ("pid", "comm", "exe", "start_time", "pod_uid", "container_id", "runtime", "qos")
+PROCESS_LABELS = ("rank", "pid", "comm", "exe", "namespace", "pod", "pod_uid", "container_id")
+POD_LABELS = ("rank", "namespace", "pod", "workload", "pod_uid")
+# Named by the sink runner from k8s.v1 (the probe knows only the UID); "" until it knows.
+_POD_NAMES = ("namespace", "pod", "workload")
+_IDENTITY = ("pid", "comm", "exe", "start_time", *_POD_NAMES, "pod_uid", "container_id",
+             "runtime", "qos")
 
 
 @dataclasses.dataclass
@@ -125,6 +129,9 @@ class NodeView:
                     {k: entry.get(k, "") for k in _IDENTITY}, ts, ts,
                     collections.deque(maxlen=self._history))
             tracked.identity["comm"] = entry["comm"]  # an exec renames it
+            for k in _POD_NAMES:  # the pod's metadata may arrive after its first sample
+                if entry.get(k):
+                    tracked.identity[k] = entry[k]
             tracked.last_seen = ts
             tracked.samples.append((ts, float(entry["cpu_cores"])))
         excess = len(node.tracked) - self._max_tracked
@@ -151,7 +158,8 @@ class NodeView:
                               ("kubesight_top_process_first_seen_timestamp_seconds", "")):
             for name, node in nodes:
                 for entry in node.latest["top"]:
-                    labels = [("node", name), *((k, str(entry[k])) for k in PROCESS_LABELS)]
+                    labels = [("node", name),
+                              *((k, str(entry.get(k, ""))) for k in PROCESS_LABELS)]
                     if field:
                         value = float(entry[field])
                     else:
@@ -161,8 +169,9 @@ class NodeView:
                     yield metric, labels, value
         for name, node in nodes:
             for pod in node.latest["pods"]:
-                yield ("kubesight_top_pod_cpu_cores", [("node", name), ("rank", str(pod["rank"])),
-                       ("pod_uid", str(pod["pod_uid"]))], float(pod["cpu_cores"]))
+                yield ("kubesight_top_pod_cpu_cores",
+                       [("node", name), *((k, str(pod.get(k, ""))) for k in POD_LABELS)],
+                       float(pod["cpu_cores"]))
 
     def to_json(self, node: str | None = None) -> dict[str, Any]:
         """``/top``: per node, the latest sample; each top process with its time series since

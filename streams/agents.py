@@ -37,7 +37,7 @@ from .app import (
     windows_table,
 )
 from .golden import Window, WindowStore
-from .identity import IdentityTable
+from .identity import IdentityTable, K8sFollower
 from .network import MalformedNetworkBatch, NetworkAggregator, NetworkWindow, NetworkWindowStore
 from .protocols import ParserOptions
 from .reassembly import MalformedBatch, Reassembler
@@ -139,53 +139,23 @@ async def learn_listeners(stream: Any) -> None:
             await _dead_letter(event, f"malformed meta record: {exc}")
 
 
-def _k8s_consumer() -> Any:
-    """A consumer of every k8s.v1 partition from its start, outside any consumer group."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    topic = config.topic("k8s.v1")
-    consumer = Consumer({**config.kafka.librdkafka(), "group.id": f"{config.streams.app_id}-k8s",
-                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
-    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-    if not partitions:
-        consumer.close()
-        raise LookupError(f"topic {topic} has no partitions (yet)")
-    consumer.assign([TopicPartition(topic, p, -2) for p in sorted(partitions)])  # -2: beginning
-    return consumer
-
-
 @app.task  # type: ignore[untyped-decorator]
 async def follow_k8s_identity() -> None:
-    """Feed the identity table from k8s.v1, every partition from its start, on every worker.
-
-    Not an agent: an agent is a consumer-group member, so each worker would see only its
-    share of the pods, and a restarted worker would resume after its committed offset with an
-    empty table. The compacted topic is small (one record per object) and read whole, by
-    librdkafka in a thread so the event loop never blocks on it.
-    """
+    """Feed the identity table from k8s.v1, every partition from its start, on every worker
+    (``K8sFollower``; not an agent: see there). librdkafka polls in a thread so the event
+    loop never blocks on it."""
     import asyncio
 
     loop = asyncio.get_running_loop()
-    consumer = None
-    while consumer is None:
-        try:
-            consumer = await loop.run_in_executor(None, _k8s_consumer)
-        except Exception as exc:  # noqa: BLE001 - no broker or topic yet: try again
-            log.warning("k8s.v1 not readable yet (%s); retrying", exc)
-            await asyncio.sleep(2.0)
-    # Never closed: a consume() may still run in its thread when the worker stops, and the
+    follower = K8sFollower(config.kafka.librdkafka(), config.topic("k8s.v1"),
+                           f"{config.streams.app_id}-k8s", identity)
+    # Never closed: a poll may still run in its thread when the worker stops, and the
     # consumer holds no group membership or offsets that closing would hand back.
     while True:
-        messages = await loop.run_in_executor(None, consumer.consume, 2000, 1.0)
-        for msg in messages:
-            if msg.error():
-                continue
-            try:
-                key, value = msg.key(), msg.value()
-                identity.apply(key.decode() if key else "",
-                               None if value is None else msgpack.unpackb(value))
-            except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException):
-                counters["k8s_malformed"] += 1
+        await loop.run_in_executor(None, follower.poll, 1.0)
+        if not follower.reading:
+            await asyncio.sleep(2.0)  # no topic yet
+        counters["k8s_malformed"] = follower.malformed
 
 
 def _restore_windows() -> None:

@@ -7,18 +7,27 @@ by every worker) and asked by the reassembler while it names the two ends of a r
     container id      → pod                                        their IPs are the node's
     pod UID           → pod
     cluster IP, port  → service, and the one workload behind it when its endpoints agree
+    endpoint IP, port → the service whose EndpointSlices list it, when exactly one does (the
+                        service a pod serves, seen from the server side or a direct call)
 
 Plain Python on plain data, no Faust: a record replaces what its key said before, and a
 tombstone (None) removes it. An index entry is removed only if it still points at the record
 being replaced, so a pod IP reused by a newer pod survives the older pod's late tombstone.
+``K8sFollower`` reads the topic into a table; the stream workers and the sink runner (which
+names top-N pods) each keep one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
-__all__ = ["IdentityTable", "PodIdentity", "ServiceIdentity"]
+import msgpack
+
+__all__ = ["IdentityTable", "K8sFollower", "PodIdentity", "ServiceIdentity"]
+
+log = logging.getLogger(__name__)
 
 _TERMINATED = ("Succeeded", "Failed")  # their IPs may already belong to another pod
 
@@ -51,6 +60,8 @@ class IdentityTable:
         self.services_by_address: dict[tuple[str, int], ServiceIdentity] = {}
         # service key → pod names behind it (from its endpointslices), per slice
         self._backends: dict[str, dict[str, set[str]]] = {}
+        # (endpoint IP, port) → the endpointslice keys listing it → their service
+        self._endpoints: dict[tuple[str, int], dict[str, ServiceIdentity]] = {}
         self.applied = 0
 
     def __len__(self) -> int:
@@ -89,6 +100,9 @@ class IdentityTable:
             svc_key = f"service/{rec['namespace']}/{rec['service']}"
             pods = {e["pod"] for e in rec["endpoints"] if e["pod"]}
             self._backends.setdefault(svc_key, {})[key] = pods
+            svc = ServiceIdentity(svc_key, rec["namespace"], rec["service"])
+            for address in _slice_addresses(rec):
+                self._endpoints.setdefault(address, {})[key] = svc
 
     def _unindex(self, key: str, rec: dict[str, Any]) -> None:
         kind = rec.get("kind")
@@ -111,6 +125,11 @@ class IdentityTable:
             slices.pop(key, None)
             if not slices:
                 self._backends.pop(svc_key, None)
+            for address in _slice_addresses(rec):
+                listed = self._endpoints.get(address, {})
+                listed.pop(key, None)
+                if not listed:
+                    self._endpoints.pop(address, None)
 
     # -- asking -----------------------------------------------------------------------------
     def pod_for_ip(self, ip: str) -> PodIdentity | None:
@@ -124,6 +143,12 @@ class IdentityTable:
 
     def service_for(self, ip: str, port: int) -> ServiceIdentity | None:
         return self.services_by_address.get((ip, port))
+
+    def service_of_endpoint(self, ip: str, port: int) -> ServiceIdentity | None:
+        """The service whose EndpointSlices list ip:port (a pod's IP and target port), when
+        exactly one service does; None for none or several (ambiguous: left unnamed)."""
+        services = {svc.key: svc for svc in self._endpoints.get((ip, port), {}).values()}
+        return next(iter(services.values())) if len(services) == 1 else None
 
     def service_workload(self, svc: ServiceIdentity) -> tuple[str, str] | None:
         """(namespace, workload) behind a service when all its known endpoints belong to one
@@ -141,6 +166,74 @@ class IdentityTable:
         return None
 
 
+def _slice_addresses(rec: dict[str, Any]) -> set[tuple[str, int]]:
+    """(IP, port) of every endpoint × port of an endpointslice record (DNS serves UDP too)."""
+    ports = [int(p["port"]) for p in rec["ports"] if int(p["port"])]
+    return {(ip, port) for e in rec["endpoints"] for ip in e.get("addresses", ()) for port in ports}
+
+
 def _drop(index: dict[str, PodIdentity], k: str, ident: PodIdentity | None) -> None:
     if ident is not None and index.get(k) is ident:
         del index[k]
+
+
+class K8sFollower:
+    """Reads every partition of ``k8s.v1`` from its start into ``table``, outside any consumer
+    group: a group member would see only its share of the objects, and one restarted would
+    resume after its committed offset with an empty table. The compacted topic is small (one
+    record per object) and read whole.
+
+    ``poll()`` blocks up to ``timeout`` seconds; run it in a thread or an executor. Until the
+    topic exists (the watcher creates it) it returns 0 and tries again on the next call.
+    """
+
+    def __init__(self, librdkafka: dict[str, Any], topic: str, group: str,
+                 table: IdentityTable) -> None:
+        self._conf = {**librdkafka, "group.id": group, "enable.auto.commit": False,
+                      "auto.offset.reset": "earliest"}
+        self._topic = topic
+        self.table = table
+        self.malformed = 0
+        self._consumer: Any = None
+
+    def _open(self) -> Any:
+        from confluent_kafka import Consumer, TopicPartition
+
+        consumer = Consumer(self._conf)
+        partitions = consumer.list_topics(self._topic, timeout=10).topics[self._topic].partitions
+        if not partitions:
+            consumer.close()
+            raise LookupError(f"topic {self._topic} has no partitions (yet)")
+        consumer.assign([TopicPartition(self._topic, p, -2) for p in sorted(partitions)])
+        return consumer  # -2: each partition's beginning
+
+    @property
+    def reading(self) -> bool:
+        """The topic was found and is being read."""
+        return self._consumer is not None
+
+    def poll(self, timeout: float = 1.0) -> int:
+        """Apply what arrived; returns the number of messages applied."""
+        if self._consumer is None:
+            try:
+                self._consumer = self._open()
+            except Exception as exc:  # noqa: BLE001 - no broker or topic yet: next call
+                log.warning("%s not readable yet (%s); retrying", self._topic, exc)
+                return 0
+        applied = 0
+        for msg in self._consumer.consume(2000, timeout):
+            if msg.error():
+                continue
+            try:
+                key, value = msg.key(), msg.value()
+                self.table.apply(key.decode() if key else "",
+                                 None if value is None else msgpack.unpackb(value))
+                applied += 1
+            except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException):
+                self.malformed += 1
+        return applied
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None

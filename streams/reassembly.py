@@ -15,6 +15,11 @@ Naming the two ends of a request, each as (namespace, workload, pod):
   /proc scan on ``meta.v1`` and from accepted connections); a server's peer is the client
   process whose socket has the mirrored 4-tuple, when that client runs on a node we observe;
   otherwise both fall back to the peer's IP.
+
+The called service (``dst_service``, Kubernetes only): for a client, the service that owns the
+cluster IP:port it connected to, else the one service whose EndpointSlices list the pod
+IP:port it called; for a server, the one service whose EndpointSlices list its own IP:port.
+Empty when no service, or more than one, claims the address.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ Party = tuple[str, str, str]
 
 # Pods are labels too (empty on a bare host): a slow replica must stand out in the metrics.
 SERIES_LABELS = ("side", "protocol", "src_namespace", "src_workload", "src_pod", "dst_namespace",
-                 "dst_workload", "dst_pod", "endpoint", "status")
+                 "dst_workload", "dst_pod", "dst_service", "endpoint", "status")
 
 
 class MalformedBatch(ValueError):
@@ -277,6 +282,18 @@ class Reassembler:
         listener = self._listener_workload(conn.node, conn.raddr, conn.rport)
         return ("", listener, "") if listener is not None else None
 
+    def _service(self, conn: _Connection, side: str) -> str:
+        """The called service's name (see the module docstring), or ""."""
+        ident = self.identity
+        if ident is None:
+            return ""
+        if side == "client":
+            svc = (ident.service_for(conn.raddr, conn.rport)
+                   or ident.service_of_endpoint(conn.raddr, conn.rport))
+        else:
+            svc = ident.service_of_endpoint(conn.laddr, conn.lport)
+        return svc.name if svc is not None else ""
+
     def _names(self, conn: _Connection, req: Request, final: bool
                ) -> tuple[Party, Party] | None:
         """(src, dst) parties, or None to wait for the peer of a same-node call.
@@ -346,7 +363,7 @@ class Reassembler:
             "rtt_us": conn.srtt_us, "retransmits": conn.retrans,
             "src_namespace": src[0], "src_workload": src[1], "src_pod": src[2],
             "dst_namespace": dst[0], "dst_workload": dst[1], "dst_pod": dst[2],
-            "pid": conn.tgid,
+            "dst_service": self._service(conn, req.side), "pid": conn.tgid,
         }
         self._aggregate(record, latency_ns)
         return record
@@ -354,7 +371,8 @@ class Reassembler:
     def _aggregate(self, record: dict[str, Any], latency_ns: int) -> None:
         labels = (record["side"], record["protocol"], record["src_namespace"],
                   record["src_workload"], record["src_pod"], record["dst_namespace"],
-                  record["dst_workload"], record["dst_pod"], record["endpoint"], record["status"])
+                  record["dst_workload"], record["dst_pod"], record["dst_service"],
+                  record["endpoint"], record["status"])
         window = self.window_seconds
         start = (record["end_ns"] // 1_000_000_000) // window * window
         per_window = self._partials.get(labels)

@@ -10,11 +10,14 @@ by namespace, workload and pod, whether the frontend called the pod IP or the cl
 
 from __future__ import annotations
 
+import json
 import sys
 import tempfile
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubesight.schemas import validate
@@ -79,6 +82,13 @@ def _deploy(kube: Kube, node: PodNode, ns: str, name: str, node_name: str) -> tu
     sandbox = node.pod(name, uid=obj["metadata"]["uid"])
     kube.pod_status(ns, pod_name, ip=sandbox.ip, container_id=sandbox.container_id)
     return pod_name, sandbox
+
+
+def topology(pipe: Pipeline, level: str, window: int = 600) -> dict[str, Any]:
+    url = pipe.metrics_url.replace("/metrics", f"/topology?level={level}&window={window}")
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        graph: dict[str, Any] = json.load(resp)
+    return graph
 
 
 def _worker_counter(pipe: Pipeline, name: str) -> float:
@@ -146,6 +156,18 @@ def test_calls_by_pod_ip_and_cluster_ip_carry_namespace_workload_and_pod(
         # Pods are metric labels too, and the TCP signals exist per pod: one replica's
         # latency and network can be told from its siblings'.
         pipe.wait_total(2 * CALLS, REQ, side="server", dst_pod=backend_pod, **names)
+        # Every call, by pod IP or cluster IP, was a call to the backend service: the client
+        # knows it from the cluster IP or the EndpointSlice, the server from its own address.
+        for side in ("client", "server"):
+            assert pipe.total(REQ, side=side, dst_service="backend", **names) == 2 * CALLS
+        graph = wait_for("the service view", lambda: (g := topology(pipe, "service")) and any(
+            e["src"] == f"{ns}/frontend" and e["dst"] == f"{ns}/backend" for e in g["edges"])
+            and g, timeout=60)
+        kinds = {n["id"]: n["kind"] for n in graph["nodes"]}
+        assert (kinds[f"{ns}/frontend"], kinds[f"{ns}/backend"]) == ("workload", "service")
+        [edge] = [e for e in graph["edges"] if e["dst"] == f"{ns}/backend"]
+        assert {side: v["requests"] for side, v in edge["by_side"].items()} == {
+            "client": 2 * CALLS, "server": 2 * CALLS}
         wait_for("the backend pod's TCP signals", lambda: pipe.series(
             "kubesight_tcp_pod_bytes_total", namespace=ns, workload="backend", pod=backend_pod,
             side="server", direction="received"), timeout=90)
@@ -153,7 +175,8 @@ def test_calls_by_pod_ip_and_cluster_ip_carry_namespace_workload_and_pod(
         records = [r for m in read_topic(pipe.config, "requests.v1") for r in m["requests"]
                    if r["src_namespace"] == ns]
         for rec in records:
-            assert (rec["src_pod"], rec["dst_workload"]) == (frontend_pod, "backend"), rec
+            assert (rec["src_pod"], rec["dst_workload"], rec["dst_service"]) == (
+                frontend_pod, "backend", "backend"), rec
         # Every call names the backend pod, those to the cluster IP through conntrack.
         assert [r["dst_pod"] for r in records] == [backend_pod] * (4 * CALLS)
 

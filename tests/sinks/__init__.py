@@ -12,7 +12,7 @@ def series(**labels: str) -> SeriesLabels:
     """A full label set: defaults for a server-side HTTP series, overridden by ``labels``."""
     values = {"side": "server", "protocol": "http", "src_namespace": "shop",
               "src_workload": "gateway", "dst_namespace": "shop", "dst_workload": "product",
-              "src_pod": "gateway-7d9f-x1", "dst_pod": "product-5c4b-a2",
+              "src_pod": "gateway-7d9f-x1", "dst_pod": "product-5c4b-a2", "dst_service": "product",
               "endpoint": "/api/items", "status": "200"} | labels
     assert set(values) == set(SERIES_LABELS)
     return SeriesLabels(**values)

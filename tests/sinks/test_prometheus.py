@@ -9,7 +9,7 @@ import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from kubesight.sinks import PrometheusConfig, PrometheusSink
+from kubesight.sinks import PrometheusConfig, PrometheusSink, SeriesLabels
 
 from tests.promtext import parse
 
@@ -109,6 +109,21 @@ def test_malformed_records_are_counted_not_fatal(sink: PrometheusSink) -> None:
     assert samples[("kubesight_sink_records_total",
                     frozenset(outcome | {("outcome", "rejected")}))] == 2
     assert samples[("kubesight_requests_total", frozenset(series().items()))] == 2
+
+
+def test_records_from_before_dst_service_read_it_as_empty(sink: PrometheusSink) -> None:
+    """series.v1 gained dst_service after its first release: a golden.v1 record written by
+    an older worker still counts, under dst_service="" (no other label may be missing)."""
+    old = {k: v for k, v in series().items() if k != "dst_service"}
+    sink.write([window_record(SeriesLabels(**old), 100, [0.1, 0.2, 0.3])])  # type: ignore[typeddict-item]
+    samples, _, _ = parse(scrape(sink)[2])
+    assert samples[("kubesight_requests_total",
+                    frozenset(series(dst_service="").items()))] == 3
+    no_side = {k: v for k, v in old.items() if k != "side"}
+    sink.write([window_record(SeriesLabels(**no_side), 100, [0.1])])  # type: ignore[typeddict-item]
+    samples, _, _ = parse(scrape(sink)[2])
+    assert samples[("kubesight_sink_records_total", frozenset(
+        {("sink", "prometheus"), ("kind", "window"), ("outcome", "rejected")}))] == 1
 
 
 def test_healthz_and_close_frees_the_port() -> None:

@@ -71,8 +71,10 @@ def test_latest_sample_as_gauges(sink: PrometheusSink) -> None:
            if name == "kubesight_top_process_cpu_cores"}
     assert sorted(top) == ["1", "2"]  # the latest sample only
     assert top["1"] == ({"node": "node-a", "rank": "1", "pid": "4242", "comm": "hog",
-                         "exe": "/usr/bin/hog", "pod_uid": POD, "container_id": CID}, 0.98)
-    assert gauge("kubesight_top_pod_cpu_cores", node="node-a", rank="1", pod_uid=POD) == 0.98
+                         "exe": "/usr/bin/hog", "namespace": "", "pod": "", "pod_uid": POD,
+                         "container_id": CID}, 0.98)
+    assert gauge("kubesight_top_pod_cpu_cores", node="node-a", rank="1", namespace="", pod="",
+                 workload="", pod_uid=POD) == 0.98
     first_seen = {dict(lab)["pid"]: v for (name, lab), v in samples.items()
                   if name == "kubesight_top_process_first_seen_timestamp_seconds"}
     assert first_seen == {"4242": 105.0, "7": 100.0}
@@ -107,6 +109,46 @@ def test_top_serves_each_process_time_series(sink: PrometheusSink) -> None:
     assert [(p["pid"], p["first_seen"], p["last_seen"]) for p in node["earlier"]] == [
         (4242, 105.0, 115.0)]
     assert len(json.loads(get(sink, "/top")[1])["nodes"]) == 2
+
+
+def test_pods_are_named_from_k8s_v1_when_the_runner_knows_their_uid(
+        sink: PrometheusSink) -> None:
+    """The probe knows a pod by the UID in its cgroup path; the sink runner names it from the
+    k8s.v1 table (namespace, pod, workload) before the sink sees the sample."""
+    from kubesight.sinks.runner import name_pods
+    from kubesight.streams.identity import IdentityTable
+
+    from kubesight.k8smeta import pod_record, record_key
+
+    identity = IdentityTable()
+    pod = pod_record({"metadata": {"name": "cruncher-5c6d7-x1", "namespace": "batch", "uid": POD,
+                                   "ownerReferences": [{"kind": "Job", "name": "cruncher",
+                                                        "controller": True}]},
+                      "spec": {"nodeName": "node-a"}, "status": {"phase": "Running"}})
+    first = record(100.0, [proc(1, 4242, "hog", 0.98, pod=POD, cid=CID),
+                           proc(2, 7, "nginx", 0.1)])
+    name_pods(first, identity)  # not known yet: left unnamed
+    sink.write_node([first])
+    identity.apply(record_key(pod), pod)
+    second = record(105.0, [proc(1, 4242, "hog", 0.99, pod=POD, cid=CID),
+                            proc(2, 7, "nginx", 0.1), proc(3, 99, "sidecar", 0.05, pod="other")])
+    name_pods(second, identity)
+    sink.write_node([second])
+    samples, _, _ = parse(get(sink, "/metrics")[1])
+    top = {dict(lab)["rank"]: dict(lab) for (name, lab), _ in samples.items()
+           if name == "kubesight_top_process_cpu_cores"}
+    assert (top["1"]["namespace"], top["1"]["pod"]) == ("batch", "cruncher-5c6d7-x1")
+    assert (top["2"]["pod"], top["3"]["pod"], top["3"]["pod_uid"]) == ("", "", "other")
+    pods = {dict(lab)["pod_uid"]: dict(lab) for (name, lab), _ in samples.items()
+            if name == "kubesight_top_pod_cpu_cores"}
+    assert {k: pods[POD][k] for k in ("rank", "namespace", "pod", "workload")} == {
+        "rank": "1", "namespace": "batch", "pod": "cruncher-5c6d7-x1", "workload": "cruncher"}
+    assert pods["other"]["pod"] == ""
+    (node,) = json.loads(get(sink, "/top?node=node-a")[1])["nodes"]
+    hog = node["top"][0]  # tracked since the first sample, named since the pod was known
+    assert (hog["pod"], hog["namespace"], hog["first_seen"]) == ("cruncher-5c6d7-x1", "batch",
+                                                                 100.0)
+    assert node["pods"][0]["pod"] == "cruncher-5c6d7-x1"
 
 
 def test_history_and_tracked_processes_are_bounded() -> None:

@@ -34,10 +34,12 @@ def service(name: str, ip: str, port: int, ns: str = "shop") -> dict[str, Any]:
                            "spec": {"clusterIP": ip, "ports": [{"port": port}]}})
 
 
-def slice_of(service_name: str, pods: list[tuple[str, str]], ns: str = "shop") -> dict[str, Any]:
+def slice_of(service_name: str, pods: list[tuple[str, str]], ns: str = "shop",
+             port: int = 8080, name: str = "") -> dict[str, Any]:
     return endpointslice_record({
-        "metadata": {"name": f"{service_name}-x", "namespace": ns,
+        "metadata": {"name": name or f"{service_name}-x", "namespace": ns,
                      "labels": {"kubernetes.io/service-name": service_name}},
+        "ports": [{"name": "http", "protocol": "TCP", "port": port}],
         "endpoints": [{"addresses": [ip], "targetRef": {"kind": "Pod", "name": p}}
                       for p, ip in pods]})
 
@@ -88,6 +90,28 @@ def test_services_name_the_one_workload_behind_them() -> None:
     assert t.service_for("10.96.0.20", 80) is None
 
 
+def test_an_endpoint_names_its_service_only_when_one_service_lists_it() -> None:
+    t = table(slice_of("web", [("web-0", "10.244.1.5"), ("web-1", "10.244.2.5")]),
+              slice_of("admin", [("web-0", "10.244.1.5")], port=9090))
+    web = t.service_of_endpoint("10.244.2.5", 8080)
+    assert web is not None and (web.namespace, web.name) == ("shop", "web")
+    admin = t.service_of_endpoint("10.244.1.5", 9090)
+    assert admin is not None and admin.name == "admin"
+    assert t.service_of_endpoint("10.244.1.5", 7070) is None  # a port no slice lists
+    # A second slice of the same service is still one service; another service makes it
+    # ambiguous, and its tombstone makes it unambiguous again.
+    t.apply("endpointslice/shop/web-y", slice_of("web", [("web-1", "10.244.2.5")], name="web-y"))
+    assert (s := t.service_of_endpoint("10.244.2.5", 8080)) is not None and s.name == "web"
+    other = slice_of("canary", [("web-1", "10.244.2.5")])
+    t.apply(record_key(other), other)
+    assert t.service_of_endpoint("10.244.2.5", 8080) is None
+    t.apply(record_key(other), None)
+    assert (s := t.service_of_endpoint("10.244.2.5", 8080)) is not None and s.name == "web"
+    for key in ("endpointslice/shop/web-x", "endpointslice/shop/web-y"):
+        t.apply(key, None)
+    assert t.service_of_endpoint("10.244.2.5", 8080) is None
+
+
 def test_requests_between_pods_carry_namespace_workload_and_pod() -> None:
     ident = table(pod("front-0", "10.244.1.7", workload="front", cid=CID),
                   pod("web-0", "10.244.1.5"), service("web", "10.96.0.20", 80),
@@ -106,6 +130,8 @@ def test_requests_between_pods_carry_namespace_workload_and_pod() -> None:
             "shop", "front", "front-0")
         assert (rec["dst_namespace"], rec["dst_workload"]) == ("shop", "web")
     assert by_ip["dst_pod"] == "web-0" and by_service["dst_pod"] == ""
+    # the called service: by its cluster IP, or as the one service listing the pod IP:port
+    assert by_ip["dst_service"] == by_service["dst_service"] == "web"
     # ...and with conntrack's answer from the probe, the pod behind the service
     b = batch(1, "python3", ("10.244.1.7", 4002), ("10.96.0.20", 80), events)
     b["conn"].update(backend_addr="10.244.1.5", backend_port=8080)
@@ -116,7 +142,9 @@ def test_requests_between_pods_carry_namespace_workload_and_pod() -> None:
                                      [[KIND_DATA_IN, S, len(REQ), REQ],
                                       [KIND_DATA_OUT, 2 * S, len(RESP), RESP]]))
     assert (server["src_workload"], server["src_pod"], server["dst_workload"],
-            server["dst_pod"]) == ("front", "front-0", "web", "web-0")
+            server["dst_pod"], server["dst_service"]) == ("front", "front-0", "web", "web-0", "web")
+    for rec in (by_ip, by_service, natted, server):
+        validate("requests.v1", {"v": 1, "node": "n1", "conn": "c", "requests": [rec]})
     series = {tuple(m["series"][k] for k in ("side", "src_namespace", "src_workload",
                                              "dst_namespace", "dst_workload"))
               for _key, m in r.take_partials()}
@@ -128,5 +156,5 @@ def test_without_identity_a_bare_host_keeps_process_names() -> None:
     r = Reassembler(window_seconds=10, slow_threshold_ns=lambda _p: S, identity=IdentityTable())
     [rec] = r.on_batch("a", batch(1, "curl", ("10.0.0.1", 5000), ("10.9.9.9", 8080), [
         [KIND_DATA_OUT, S, len(REQ), REQ], [KIND_DATA_IN, 2 * S, len(RESP), RESP]]))
-    assert (rec["src_namespace"], rec["src_workload"], rec["dst_workload"], rec["src_pod"]) == (
-        "", "curl", "10.9.9.9", "")
+    assert (rec["src_namespace"], rec["src_workload"], rec["dst_workload"], rec["src_pod"],
+            rec["dst_service"]) == ("", "curl", "10.9.9.9", "", "")
