@@ -36,7 +36,7 @@ from .app import (
     tcp_topic,
     windows_table,
 )
-from .golden import Window, WindowStore
+from .golden import TumblingStore, Window, WindowStore
 from .identity import IdentityTable, K8sFollower
 from .network import MalformedNetworkBatch, NetworkAggregator, NetworkWindow, NetworkWindowStore
 from .protocols import ParserOptions
@@ -63,8 +63,6 @@ network_store = NetworkWindowStore(window_seconds=config.streams.window_seconds,
                                    grace_seconds=config.streams.grace_seconds)
 counters = collections.Counter[str]()
 _raw_seen: dict[int, int] = {}  # partition → highest raw.v1 offset processed
-_series_seen: dict[int, int] = {}
-_restored = False
 
 
 def _unpack(value: Any) -> Any:
@@ -158,54 +156,71 @@ async def follow_k8s_identity() -> None:
         counters["k8s_malformed"] = follower.malformed
 
 
-def _restore_windows() -> None:
-    """Rebuild open windows and offsets from the (changelog-recovered) table, once."""
-    global _restored
-    if _restored:
-        return
-    _restored = True
-    for key, value in list(windows_table.items()):
-        if value is None:
-            continue
-        if key.startswith(OFFSET_PREFIX):
-            _series_seen[int(key[len(OFFSET_PREFIX):])] = int(value)
-        else:
-            store.open[key] = Window.from_state(msgpack.unpackb(value, raw=False))
-    if store.open:
-        log.info("restored %d open windows from the changelog", len(store.open))
+class _WindowStage:
+    """A windowing agent's state (golden: series.v1 → golden.v1; network: netseries.v1 →
+    network.v1): its store of open windows, mirrored into a changelog-backed table together
+    with the highest input offset folded in per partition, so a restarted worker resumes and a
+    message delivered twice after a rebalance is merged once."""
+
+    def __init__(self, what: str, store: TumblingStore[Any], table: Any, out: Any,
+                 window: Any, emitted: str) -> None:
+        self.what = what  # names its dead-letter reasons and duplicates counter
+        self.emitted = emitted  # its counter of windows emitted
+        self.store, self.table, self.out, self.window = store, table, out, window
+        self.seen: dict[int, int] = {}  # partition → highest offset folded in
+        self.restored = False
+
+    def restore(self) -> None:
+        """Rebuild open windows and offsets from the changelog-recovered table, once."""
+        if self.restored:
+            return
+        self.restored = True
+        for key, value in list(self.table.items()):
+            if value is None:
+                continue
+            if key.startswith(OFFSET_PREFIX):
+                self.seen[int(key[len(OFFSET_PREFIX):])] = int(value)
+            else:
+                self.store.open[key] = self.window.from_state(msgpack.unpackb(value, raw=False))
+        if self.store.open:
+            log.info("restored %d open %s windows from the changelog", len(self.store.open),
+                     self.what)
+
+    async def on_event(self, event: Any) -> None:
+        self.restore()
+        msg = event.message
+        if msg.key == TICK:  # close what is due on this partition
+            for key, win in self.store.due(msg.partition):
+                await self.out.send(key=key.rsplit(b"\x1e", 1)[0], value=msgpack.packb(
+                    win.to_record(self.store.window_seconds)))
+                counters[self.emitted] += 1
+                with contextlib.suppress(KeyError):
+                    del self.table[key]
+            return
+        if msg.offset <= self.seen.get(msg.partition, -1):
+            counters[f"{self.what}_duplicates_skipped"] += 1
+            return
+        self.seen[msg.partition] = msg.offset
+        try:
+            changed = self.store.merge(msg.key, _unpack(msg.value), msg.partition)
+        except (MalformedBatch, KeyError, TypeError, ValueError) as exc:
+            await _dead_letter(event, f"malformed {self.what} record: {exc}")
+            return
+        for key in changed:
+            self.table[key] = msgpack.packb(self.store.open[key].to_state())
+        self.table[OFFSET_PREFIX + str(msg.partition).encode()] = str(msg.offset).encode()
 
 
-async def _emit_due(partition: int) -> None:
-    for key, win in store.due(partition):
-        series_key = key.rsplit(b"\x1e", 1)[0]
-        await golden_topic.send(key=series_key,
-                                value=msgpack.packb(win.to_record(store.window_seconds)))
-        counters["windows_emitted"] += 1
-        with contextlib.suppress(KeyError):
-            del windows_table[key]
+golden_stage = _WindowStage("series", store, windows_table, golden_topic, Window,
+                            "windows_emitted")
+network_stage = _WindowStage("netseries", network_store, network_table, network_topic,
+                             NetworkWindow, "network_windows_emitted")
 
 
 @app.agent(series_topic, name="golden")
 async def golden(stream: Any) -> None:
     async for event in stream.events():
-        _restore_windows()
-        msg = event.message
-        if msg.key == TICK:
-            await _emit_due(msg.partition)
-            continue
-        if msg.offset <= _series_seen.get(msg.partition, -1):
-            counters["series_duplicates_skipped"] += 1
-            continue
-        _series_seen[msg.partition] = msg.offset
-        try:
-            message = _unpack(msg.value)
-            changed = store.merge(msg.key, message, msg.partition)
-        except (MalformedBatch, KeyError, TypeError, ValueError) as exc:
-            await _dead_letter(event, f"malformed series record: {exc}")
-            continue
-        for key in changed:
-            windows_table[key] = msgpack.packb(store.open[key].to_state())
-        windows_table[OFFSET_PREFIX + str(msg.partition).encode()] = str(msg.offset).encode()
+        await golden_stage.on_event(event)
 
 
 @app.timer(interval=1.0)  # type: ignore[untyped-decorator]
@@ -228,8 +243,6 @@ async def expire_idle_connections() -> None:
 # --- network health: tcp.v1 → netseries.v1 → network windows → network.v1 ---------------------
 
 _tcp_seen: dict[int, int] = {}  # partition → highest tcp.v1 offset processed
-_netseries_seen: dict[int, int] = {}
-_network_restored = False
 
 
 @app.agent(tcp_topic, name="network")
@@ -258,46 +271,10 @@ async def network_intervals(stream: Any) -> None:
             await netseries_topic.send(key=skey, value=msgpack.packb(message))
 
 
-def _restore_network_windows() -> None:
-    """Rebuild open network windows and offsets from the changelog-recovered table, once."""
-    global _network_restored
-    if _network_restored:
-        return
-    _network_restored = True
-    for key, value in list(network_table.items()):
-        if value is None:
-            continue
-        if key.startswith(OFFSET_PREFIX):
-            _netseries_seen[int(key[len(OFFSET_PREFIX):])] = int(value)
-        else:
-            network_store.open[key] = NetworkWindow.from_state(msgpack.unpackb(value, raw=False))
-
-
 @app.agent(netseries_topic, name="network_windows")
 async def network_windows(stream: Any) -> None:
     async for event in stream.events():
-        _restore_network_windows()
-        msg = event.message
-        if msg.key == TICK:
-            for key, win in network_store.due(msg.partition):
-                await network_topic.send(key=key.rsplit(b"\x1e", 1)[0], value=msgpack.packb(
-                    win.to_record(network_store.window_seconds)))
-                counters["network_windows_emitted"] += 1
-                with contextlib.suppress(KeyError):
-                    del network_table[key]
-            continue
-        if msg.offset <= _netseries_seen.get(msg.partition, -1):
-            counters["netseries_duplicates_skipped"] += 1
-            continue
-        _netseries_seen[msg.partition] = msg.offset
-        try:
-            changed = network_store.merge(msg.key, _unpack(msg.value), msg.partition)
-        except (MalformedBatch, KeyError, TypeError, ValueError) as exc:
-            await _dead_letter(event, f"malformed netseries record: {exc}")
-            continue
-        for key in changed:
-            network_table[key] = msgpack.packb(network_store.open[key].to_state())
-        network_table[OFFSET_PREFIX + str(msg.partition).encode()] = str(msg.offset).encode()
+        await network_stage.on_event(event)
 
 
 @app.timer(interval=1.0)  # type: ignore[untyped-decorator]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from .sketch import LatencySketch
 
@@ -66,24 +66,43 @@ def window_key(series_key: bytes, start: int) -> bytes:
     return series_key + SEP + str(start).encode()
 
 
-class WindowStore:
-    """Open windows of the partitions this worker owns."""
+class _TumblingWindow(Protocol):
+    start: int
+    partition: int
+    revision: int
+
+    def merge(self, partial: dict[str, Any]) -> None: ...
+
+    def to_state(self) -> dict[str, Any]: ...
+
+    def to_record(self, window_seconds: int) -> dict[str, Any]: ...
+
+
+W = TypeVar("W", bound=_TumblingWindow)
+
+
+class TumblingStore(Generic[W]):
+    """Open windows of the partitions this worker owns, for any window kind: the rules above
+    (emitted ``grace_seconds`` after their end; a late partial re-opens a window as the next
+    revision). Subclasses say how a message's first partial opens a window (``_open``)."""
 
     def __init__(self, *, window_seconds: int, grace_seconds: float,
                  clock: Callable[[], float] = time.time) -> None:
         self.window_seconds = window_seconds
         self.grace_seconds = grace_seconds
         self._clock = clock
-        self.open: dict[bytes, Window] = {}
+        self.open: dict[bytes, W] = {}
         # Emitted windows remember their next revision until they are well past; bounded by
         # (series × a few windows).
         self._emitted: dict[bytes, tuple[int, float]] = {}
         self.late_partials = 0
 
+    def _open(self, message: dict[str, Any], start: int, partition: int, revision: int) -> W:
+        raise NotImplementedError
+
     def merge(self, series_key: bytes, message: dict[str, Any],
               partition: int) -> list[bytes]:
-        """Fold one series.v1 message in; returns the window keys it changed."""
-        series = message["series"]
+        """Fold one message of partials in; returns the window keys it changed."""
         changed = []
         for partial in message["windows"]:
             start = int(partial["window_start"])
@@ -95,13 +114,12 @@ class WindowStore:
                 if emitted is not None:
                     revision = emitted[0]
                     self.late_partials += 1
-                win = self.open[key] = Window(series=series, start=start, partition=partition,
-                                              revision=revision)
+                win = self.open[key] = self._open(message, start, partition, revision)
             win.merge(partial)
             changed.append(key)
         return changed
 
-    def due(self, partition: int | None = None) -> list[tuple[bytes, Window]]:
+    def due(self, partition: int | None = None) -> list[tuple[bytes, W]]:
         """Remove and return the windows whose end + grace has passed (optionally for one
         partition), oldest first."""
         now = self._clock()
@@ -116,3 +134,12 @@ class WindowStore:
         if len(self._emitted) > 4 * max(1, len(self.open)) + 1024:
             self._emitted = {k: v for k, v in self._emitted.items() if v[1] > now}
         return ready
+
+
+class WindowStore(TumblingStore[Window]):
+    """Open golden windows (series.v1 partials → golden.v1)."""
+
+    def _open(self, message: dict[str, Any], start: int, partition: int,
+              revision: int) -> Window:
+        return Window(series=message["series"], start=start, partition=partition,
+                      revision=revision)

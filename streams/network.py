@@ -33,10 +33,9 @@ import collections
 import dataclasses
 import errno
 import math
-import time
-from collections.abc import Callable
 from typing import Any
 
+from .golden import TumblingStore
 from .identity import IdentityTable
 from .reassembly import LOOPBACK, WILDCARD, peer_name
 from .sketch import LatencySketch
@@ -58,7 +57,6 @@ COUNTS = ("opened", "closed", "failed_refused", "failed_timeout", "failed_unreac
           "rtt_sum_us")
 _UNREACHABLE = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
                           errno.ENETDOWN})
-SEP = b"\x1e"
 
 
 class MalformedNetworkBatch(ValueError):
@@ -291,52 +289,18 @@ class NetworkWindow:
                 "rtt": self.rtt.to_wire(), "revision": self.revision}
 
 
-class NetworkWindowStore:
-    """Open network windows of the partitions this worker owns (golden.WindowStore's rules:
-    emitted ``grace_seconds`` after their end; a late partial re-opens a window as the next
-    revision)."""
-
-    def __init__(self, *, window_seconds: int, grace_seconds: float,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.window_seconds = window_seconds
-        self.grace_seconds = grace_seconds
-        self._clock = clock
-        self.open: dict[bytes, NetworkWindow] = {}
-        self._emitted: dict[bytes, tuple[int, float]] = {}
-        self.late_partials = 0
+class NetworkWindowStore(TumblingStore[NetworkWindow]):
+    """Open network windows of the partitions this worker owns (netseries.v1 partials →
+    network.v1), with golden.WindowStore's rules."""
 
     def merge(self, key: bytes, message: dict[str, Any], partition: int) -> list[bytes]:
-        """Fold one netseries.v1 message in; returns the window keys it changed."""
-        kind, labels = str(message["kind"]), dict(message["labels"])
-        if kind not in LABELS:
-            raise ValueError(f"unknown series kind {kind!r}")
-        changed = []
-        for partial in message["windows"]:
-            start = int(partial["window_start"])
-            wkey = key + SEP + str(start).encode()
-            win = self.open.get(wkey)
-            if win is None:
-                emitted = self._emitted.get(wkey)
-                if emitted is not None:
-                    self.late_partials += 1
-                win = self.open[wkey] = NetworkWindow(
-                    kind=kind, labels=labels, start=start, partition=partition,
-                    revision=emitted[0] if emitted is not None else 0)
-            win.merge(partial)
-            changed.append(wkey)
-        return changed
+        if str(message["kind"]) not in LABELS:
+            raise ValueError(f"unknown series kind {message['kind']!r}")
+        dict(message["labels"])  # malformed labels fail here, whether or not a window opens
+        return super().merge(key, message, partition)
 
-    def due(self, partition: int | None = None) -> list[tuple[bytes, NetworkWindow]]:
-        """Remove and return the windows whose end + grace has passed, oldest first."""
-        now = self._clock()
-        horizon = now - self.grace_seconds - self.window_seconds
-        ready = [(k, w) for k, w in self.open.items()
-                 if w.start <= horizon and (partition is None or w.partition == partition)]
-        ready.sort(key=lambda kw: kw[1].start)
-        keep_until = now + 10 * self.window_seconds + self.grace_seconds
-        for key, win in ready:
-            del self.open[key]
-            self._emitted[key] = (win.revision + 1, keep_until)
-        if len(self._emitted) > 4 * max(1, len(self.open)) + 1024:
-            self._emitted = {k: v for k, v in self._emitted.items() if v[1] > now}
-        return ready
+    def _open(self, message: dict[str, Any], start: int, partition: int,
+              revision: int) -> NetworkWindow:
+        return NetworkWindow(kind=str(message["kind"]), labels=dict(message["labels"]),
+                             start=start, partition=partition, revision=revision)
+
