@@ -1,53 +1,28 @@
 from __future__ import annotations
 
-import json
+import functools
 import struct
-from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from kubesight.streams import dns, dns_wire
 from kubesight.streams.dns import EXPIRE_GRACE_NS, TIMEOUT_NS, DnsConnection, detect
 from kubesight.streams.protocols import PARSERS, Sniffer
 from kubesight.streams.record import Request
 
-FIXTURES = Path(__file__).parent / "fixtures"
-FULL = 1 << 30  # capture size that keeps every payload whole
+from tests.streams import kit
+from tests.streams.kit import FULL, PROPERTY, ROLES, Event
 
-Event = tuple[str, int, bytes]  # direction, size, payload
-
-
-def load(name: str) -> list[Event]:
-    doc = json.loads((FIXTURES / "dns" / f"{name}.json").read_text())
-    return [(d, size, payload.encode("latin-1")) for d, size, payload in doc["events"]]
-
-
-def as_server(events: list[Event]) -> list[Event]:
-    """The same exchange seen from the server's side."""
-    return [("in" if d == "out" else "out", size, payload) for d, size, payload in events]
-
-
-def run(events: list[Event], role: str = "client", capture: int = FULL,
-        close_ns: int | None = None) -> tuple[list[Request], DnsConnection]:
-    """Feed events (timestamps 1000, 2000, ...), then flush (by default after every
-    deadline, so unanswered queries are timeouts)."""
-    conn = DnsConnection(role)
-    records: list[Request] = []
-    for i, (direction, size, payload) in enumerate(events):
-        records += conn.feed(direction, (i + 1) * 1000, size, payload[:capture])
-    records += conn.flush(close_ns if close_ns is not None else 100 * TIMEOUT_NS)
-    return records, conn
+load = functools.partial(kit.load_events, "dns")
+# run(events, role="client", capture=FULL, close_ns=...): by default flushed after every
+# deadline, so unanswered queries are timeouts.
+run = kit.runner(DnsConnection, close_ns=100 * TIMEOUT_NS)
 
 
 def brief(records: list[Request]) -> list[tuple[str, str, str, bool, int, int]]:
     return [(r.method, r.query, r.status, r.error, r.request_bytes, r.response_bytes)
             for r in records]
-
-
-def split(data: bytes, *cuts: int) -> list[bytes]:
-    bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def quiet(conn: DnsConnection, *allowed: str) -> dict[str, int]:
@@ -87,15 +62,12 @@ EXPECTED_COUNTERS = {
 
 
 @pytest.mark.parametrize("name, expected", CAPTURED, ids=[c[0] for c in CAPTURED])
-@pytest.mark.parametrize("side", ["client", "server", "unknown"])
+@pytest.mark.parametrize("side", ROLES)
 def test_captured_exchanges(name: str, expected: list[tuple[str, ...]], side: str) -> None:
-    events = load(name)
-    if side == "server":
-        events = as_server(events)
-    records, conn = run(events, role=side)
+    records, conn = run(kit.seen_from(side, load(name)), role=side)
     assert brief(records) == expected
     assert all(r.complete and r.protocol == "dns" for r in records)
-    assert {r.side for r in records} == {"client" if side == "unknown" else side}
+    assert {r.side for r in records} == {kit.decided_side(side)}
     assert {r.endpoint for r in records} == {r.method for r in records}  # never the name
     assert quiet(conn) == EXPECTED_COUNTERS.get(name, {})
     assert conn.framing == ("stream" if name.startswith("tcp") else "undecided")
@@ -107,27 +79,12 @@ def test_every_captured_payload_is_detected_except_a_bare_length(name: str) -> N
         assert detect(payload) is (len(payload) != 2), payload[:20]
 
 
-def _captured_payloads(doc: object) -> list[bytes]:
-    """Every ["in"|"out", size, payload] event anywhere in another protocol's fixture."""
-    if isinstance(doc, dict):
-        return [p for v in doc.values() for p in _captured_payloads(v)]
-    if isinstance(doc, list):
-        if len(doc) == 3 and doc[0] in ("in", "out") and isinstance(doc[2], str):
-            return [doc[2].encode("latin-1")[:4096]]
-        return [p for v in doc for p in _captured_payloads(v)]
-    return []
-
-
 def test_other_protocols_captured_bytes_are_not_detected() -> None:
     payloads = [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"*1\r\n$4\r\nPING\r\n", b"+OK\r\n",
                 b"\x00" * 64, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 60]
-    protocols = set()
-    for path in FIXTURES.glob("*/*.json"):
-        if path.parent.name != "dns":
-            found = _captured_payloads(json.loads(path.read_text()))
-            if found:
-                protocols.add(path.parent.name)
-            payloads += found
+    found = kit.other_protocols_payloads("dns")
+    payloads += [p[:4096] for _, p in found]
+    protocols = {where.split("/")[0] for where, _ in found}
     assert len(payloads) > 1000 and {"http1", "redis"} <= protocols
     assert [p[:40] for p in payloads if detect(p)] == []
 
@@ -135,7 +92,7 @@ def test_other_protocols_captured_bytes_are_not_detected() -> None:
 @pytest.mark.parametrize("name", [c[0] for c in CAPTURED])
 @pytest.mark.parametrize("side", ["client", "server"])
 def test_no_other_parser_claims_dns(name: str, side: str) -> None:
-    events = load(name) if side == "client" else as_server(load(name))
+    events = kit.seen_from(side, load(name))
     sniffer = Sniffer(side)
     records = [r for i, (d, size, p) in enumerate(events) for r in sniffer.feed(d, i, size, p)]
     records += sniffer.flush(100 * TIMEOUT_NS)
@@ -150,33 +107,27 @@ def test_latency_is_from_the_query_to_its_answer() -> None:
 
 
 # -- TCP framing --------------------------------------------------------------------------------
-def _reads(events: list[Event], direction: str) -> bytes:
-    return b"".join(p for d, _, p in events if d == direction)
-
-
 @pytest.mark.parametrize("name", ["tcp_keepopen3", "tcp_pipelined3", "tcp_big_txt"])
 def test_tcp_stream_split_at_every_byte_boundary(name: str) -> None:
     events = load(name)
     expected = dict(CAPTURED)[name]
     # Requests one way in one write, the answers the other way cut at every point: the
     # query bytes first so each cut still has its question waiting.
-    queries, answers = _reads(events, "out"), _reads(events, "in")
+    queries, answers = kit.joined(events, "out"), kit.joined(events, "in")
     for cut in range(1, len(answers)):
-        reads = [("in", len(p), p) for p in split(answers, cut)]
+        reads = kit.events_of("in", kit.split(answers, cut))
         records, conn = run([("out", len(queries), queries), *reads])
         assert brief(records) == expected, cut
         assert quiet(conn) == {}, cut
     for cut in range(1, len(queries) - 1):  # the first write too short to tell UDP from TCP
         for cuts in ((cut,), (cut, cut + 1)):
-            writes = [("out", len(p), p) for p in split(queries, *cuts)]
+            writes = kit.events_of("out", kit.split(queries, *cuts))
             records, conn = run([*writes, ("in", len(answers), answers)])
             assert brief(records) == expected, cuts
 
 
 def test_tcp_byte_by_byte() -> None:
-    events = load("tcp_keepopen3")
-    byte_events = [(d, 1, p[i : i + 1]) for d, _, p in events for i in range(len(p))]
-    records, conn = run(byte_events)
+    records, conn = run(kit.byte_by_byte(load("tcp_keepopen3")))
     assert brief(records) == dict(CAPTURED)["tcp_keepopen3"]
     assert quiet(conn) == {}
 
@@ -187,12 +138,12 @@ def test_server_reading_the_length_by_itself_through_the_sniffer(length_reads: l
     """dnsmasq reads a TCP query's length with two 1-byte reads, then the message: the sniffer
     cannot recognise those bytes, so DNS starts at the bare message, and the answer's length
     settles TCP."""
-    events = as_server(load("tcp_keepopen3"))
+    events = kit.as_server(load("tcp_keepopen3"))
     reads: list[Event] = []
     for d, size, payload in events:
         if d == "in":
             cuts = [sum(length_reads[: i + 1]) for i in range(len(length_reads))]
-            reads += [(d, len(p), p) for p in split(payload, *cuts)]
+            reads += kit.events_of(d, kit.split(payload, *cuts))
         else:
             reads.append((d, size, payload))
     sniffer = Sniffer("server")
@@ -251,7 +202,7 @@ def test_tcp_messages_longer_than_the_capture(capture: int) -> None:
 
 def test_message_boundary_in_a_gap_loses_sync_until_a_message_starts() -> None:
     events = load("tcp_keepopen3")
-    answers = _reads(events, "in")
+    answers = kit.joined(events, "in")
     # Three queries written; all three answers read at once, captured only to 40 bytes: the
     # second answer's length is in the gap.
     records, conn = run([*[e for e in events if e[0] == "out"],
@@ -305,12 +256,13 @@ def test_answer_to_another_question_is_not_paired() -> None:
     assert conn.counters["mismatched_responses"] == 1
 
 
+def _udp_a_with(old: bytes, new: bytes) -> list[Event]:
+    """udp_a's query and answer with the first ``old`` bytes (in the question) replaced."""
+    return [(d, s, p.replace(old, new, 1)) for d, s, p in load("udp_a")]
+
+
 def test_case_randomised_names_match_and_are_lowered() -> None:
-    query, answer = load("udp_a")
-    qname = b"\x02ok\x04test\x00"
-    mixed = b"\x02Ok\x04tEsT\x00"
-    events = [(d, s, p.replace(qname, mixed, 1)) for d, s, p in (query, answer)]
-    records, _ = run(events)
+    records, _ = run(_udp_a_with(b"\x02ok\x04test\x00", b"\x02Ok\x04tEsT\x00"))
     assert [(r.query, r.status) for r in records] == [("A ok.test", "NOERROR")]
 
 
@@ -322,11 +274,8 @@ def test_orphan_answer_and_duplicate_answer() -> None:
 
 
 def test_unknown_qtype_is_named_by_number() -> None:
-    query, answer = load("udp_a")
-    a_type = b"\x04test\x00\x00\x01\x00\x01"
-    odd = b"\x04test\x00\xff\xfe\x00\x01"
-    events = [(d, s, p.replace(a_type, odd, 1)) for d, s, p in (query, answer)]
-    records, _ = run(events)
+    a_type, odd = b"\x04test\x00\x00\x01\x00\x01", b"\x04test\x00\xff\xfe\x00\x01"
+    records, _ = run(_udp_a_with(a_type, odd))
     assert [(r.method, r.endpoint, r.query) for r in records] == [
         ("TYPE65534", "TYPE65534", "TYPE65534 ok.test")]
 
@@ -471,8 +420,6 @@ def test_dns_is_tried_after_every_parser_but_the_http2_frame_check() -> None:
 
 
 # -- robustness ---------------------------------------------------------------------------------
-_SETTINGS = settings(max_examples=300, deadline=None,
-                     suppress_health_check=[HealthCheck.too_slow])
 _event = st.tuples(st.sampled_from(["in", "out"]), st.integers(0, 5000), st.binary(max_size=80))
 
 
@@ -487,14 +434,14 @@ def _sane(records: list[Request], conn: DnsConnection, events: list[Event]) -> N
         assert r.endpoint == r.method and len(r.method) <= 10
 
 
-@_SETTINGS
-@given(st.lists(_event, max_size=30), st.sampled_from(["client", "server", "unknown"]))
+@PROPERTY
+@given(st.lists(_event, max_size=30), st.sampled_from(ROLES))
 def test_random_events_never_raise(events: list[Event], role: str) -> None:
     records, conn = run(events, role=role)
     _sane(records, conn, events)
 
 
-@_SETTINGS
+@PROPERTY
 @given(st.binary(max_size=600))
 def test_detect_never_raises(buf: bytes) -> None:
     assert detect(buf) in (True, False)
@@ -503,24 +450,18 @@ def test_detect_never_raises(buf: bytes) -> None:
 _ALL = [c[0] for c in CAPTURED]
 
 
-@_SETTINGS
+@PROPERTY
 @given(st.sampled_from(_ALL), st.integers(1, 200), st.data())
 def test_captured_bytes_cut_and_resplit_never_raise(name: str, capture: int,
                                                      data: st.DataObject) -> None:
-    events = load(name)
-    chopped: list[Event] = []
-    for d, _, payload in events:  # resplit each event at random points
-        cuts = sorted(data.draw(st.lists(st.integers(1, max(1, len(payload) - 1)), max_size=3)))
-        for part in split(payload, *cuts) if len(payload) > 1 else [payload]:
-            if part:
-                chopped.append((d, len(part), part))
+    chopped = data.draw(kit.resplit(load(name), max_cuts=3))
     records, conn = run(chopped, capture=capture)
     _sane(records, conn, chopped)
     if name.startswith("tcp") and capture >= 200:  # nothing was cut: the same records
         assert brief(records) == dict(CAPTURED)[name]
 
 
-@_SETTINGS
+@PROPERTY
 @given(st.sampled_from(_ALL), st.data())
 def test_corrupted_captured_bytes_never_raise(name: str, data: st.DataObject) -> None:
     events = load(name)

@@ -1,50 +1,22 @@
 from __future__ import annotations
 
+import functools
 import json
-from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kubesight.streams.http1 import MAX_HEAD, Http1Connection, detect
 from kubesight.streams.record import Request
 
-FIXTURES = Path(__file__).parent / "fixtures" / "http1"
-SCHEMAS = Path(__file__).parents[2] / "schemas"
-FULL = 1 << 30  # capture size that keeps every payload whole
+from tests.streams import kit
+from tests.streams.kit import FULL, PROPERTY, ROLES, SCHEMAS, Event, Exchange
 
-Event = tuple[str, int, bytes]  # direction, size, payload
-
-
-def load(name: str) -> list[Event]:
-    doc = json.loads((FIXTURES / f"{name}.json").read_text())
-    return [(d, size, payload.encode("latin-1")) for d, size, payload in doc["events"]]
-
-
-def as_server(events: list[Event]) -> list[Event]:
-    """The same exchange seen from the server's side of the connection."""
-    return [("in" if d == "out" else "out", size, payload) for d, size, payload in events]
-
-
-def run(
-    events: list[Event], role: str = "client", capture: int = FULL
-) -> tuple[list[Request], Http1Connection]:
-    """Feed events (timestamps 1000, 2000, ...), then flush at 999_999."""
-    conn = Http1Connection(role)
-    records: list[Request] = []
-    for i, (direction, size, payload) in enumerate(events):
-        records += conn.feed(direction, (i + 1) * 1000, size, payload[:capture])
-    records += conn.flush(999_999)
-    return records, conn
+load = functools.partial(kit.load_events, "http1")
+run = kit.runner(Http1Connection, close_ns=999_999)  # run(events, role="client", capture=FULL)
 
 
 def brief(records: list[Request]) -> list[tuple[str, str, str, int, int]]:
     return [(r.method, r.raw_path, r.status, r.request_bytes, r.response_bytes) for r in records]
-
-
-def split(data: bytes, *cuts: int) -> list[bytes]:
-    bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 # Captured from nginx 1.22 on loopback (see fixtures/http1/README.md): the truth is what was sent.
@@ -65,15 +37,12 @@ CAPTURED = [
 
 
 @pytest.mark.parametrize("name, expected", CAPTURED, ids=[c[0] for c in CAPTURED])
-@pytest.mark.parametrize("side", ["client", "server", "unknown"])
+@pytest.mark.parametrize("side", ROLES)
 def test_captured_exchanges(name: str, expected: list[tuple[str, str, str, int, int]], side: str):
-    events = load(name)
-    if side == "server":
-        events = as_server(events)
-    records, conn = run(events, role=side)
+    records, conn = run(kit.seen_from(side, load(name)), role=side)
     assert brief(records) == expected
     assert all(r.complete for r in records)
-    assert {r.side for r in records} == {"client" if side == "unknown" else side}
+    assert {r.side for r in records} == {kit.decided_side(side)}
     assert conn.counters["unparsed_bytes"] == conn.counters["sync_losses"] == 0
     assert conn.counters["unanswered_requests"] == conn.counters["orphan_responses"] == 0
 
@@ -107,8 +76,7 @@ def test_error_is_status_5xx(status: str, error: bool):
 @pytest.mark.parametrize("cut", [150, 5 * 158 + 152, 9 * 158 + 157])
 def test_pipelined_responses_split_mid_body(cut: int):
     events = load("pipelined10")
-    responses = b"".join(p for d, _, p in events if d == "in")
-    reads = [("in", len(part), part) for part in split(responses, cut)]
+    reads = kit.events_of("in", kit.split(kit.joined(events, "in"), cut))
     records, conn = run([events[0], *reads])
     assert brief(records) == [("GET", f"/api/items/{i}", "200", 46, 158) for i in range(10)]
     assert [r.end_ns for r in records] == [2000] * (cut // 158) + [3000] * (10 - cut // 158)
@@ -123,8 +91,7 @@ def _chunked_exchange() -> tuple[Event, bytes]:
 def test_chunked_response_split_at_every_byte_boundary():
     request, response = _chunked_exchange()
     for cut in range(1, len(response)):
-        reads = [("in", len(part), part) for part in split(response, cut)]
-        records, conn = run([request, *reads])
+        records, conn = run([request, *kit.events_of("in", kit.split(response, cut))])
         assert brief(records) == [("GET", "/big.txt", "200", 65, 8260)], cut
         assert records[0].complete and records[0].end_ns == 3000, cut
         assert conn.counters["sync_losses"] == 0, cut
@@ -142,16 +109,13 @@ def test_small_chunked_response_split_at_every_pair_of_boundaries():
     n = len(SMALL_CHUNKED)
     for a in range(1, n):
         for b in range(a, n):
-            reads = [("in", len(p), p) for p in split(SMALL_CHUNKED, a, b) if p]
-            records, conn = run([request, *reads])
+            records, conn = run([request, *kit.events_of("in", kit.split(SMALL_CHUNKED, a, b))])
             assert brief(records) == [("GET", "/", "200", 18, n)], (a, b)
             assert records[0].complete, (a, b)
 
 
 def test_start_line_and_headers_split_byte_by_byte():
-    events = load("keepalive3")
-    byte_events = [(d, 1, p[i : i + 1]) for d, _, p in events for i in range(len(p))]
-    records, conn = run(byte_events)
+    records, conn = run(kit.byte_by_byte(load("keepalive3")))
     assert brief(records) == CAPTURED[0][1]
     assert all(r.complete for r in records)
 
@@ -242,7 +206,7 @@ def test_unknown_role_is_decided_by_the_first_start_line(
     conn.feed(first[0], 2, len(first[1]), first[1])
     assert conn.role == role
     assert (conn.counters["unparsed_bytes"], conn.counters["orphan_responses"]) == (5, orphans)
-    events = load("keepalive3") if role == "client" else as_server(load("keepalive3"))
+    events = kit.seen_from(role, load("keepalive3"))
     records = [r for i, (d, s, p) in enumerate(events) for r in conn.feed(d, 10 + i, s, p)]
     assert [r.status for r in records] == ["200", "200", "404"][len(records) - 3 :]
     assert {r.side for r in records} == {role}
@@ -336,7 +300,7 @@ def test_wire_form_uses_the_requests_schema_fields():
 
 
 @st.composite
-def exchanges(draw: st.DrawFn) -> tuple[bytes, bytes, str, str]:
+def exchanges(draw: st.DrawFn) -> Exchange:
     """One request and its response(s), with the method and final status the truth says."""
     method = draw(st.sampled_from(["GET", "HEAD", "POST", "PUT", "DELETE"]))
     path = "/" + draw(st.from_regex(r"[a-z0-9/]{0,20}", fullmatch=True))
@@ -375,96 +339,13 @@ def _chunked(draw: st.DrawFn, body: bytes) -> bytes:
     return out + b"0\r\n\r\n"
 
 
-def _split_randomly(draw: st.DrawFn, data: bytes, direction: str) -> list[Event]:
-    cuts = sorted(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=6, unique=True)))
-    return [(direction, len(p), p) for p in split(data, *[c for c in cuts if c < len(data)]) if p]
-
-
-@st.composite
-def conversations(draw: st.DrawFn) -> tuple[list[Event], list[tuple[str, str]]]:
-    """A keep-alive connection (sometimes pipelined), split at random points."""
-    pairs = draw(st.lists(exchanges(), min_size=1, max_size=6))
-    truth = [(method, status) for _, _, method, status in pairs]
-    if draw(st.booleans()):  # pipelined: every request in one write stream, then the responses
-        events = _split_randomly(draw, b"".join(p[0] for p in pairs), "out")
-        events += _split_randomly(draw, b"".join(p[1] for p in pairs), "in")
-    else:
-        events = []
-        for request, response, _, _ in pairs:
-            events += _split_randomly(draw, request, "out")
-            events += _split_randomly(draw, response, "in")
-    return events, truth
-
-
-PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@PROPERTY
-@given(conversations(), st.sampled_from(["client", "server", "unknown"]))
-def test_valid_streams_split_anywhere_give_the_true_requests(
-    conversation: tuple[list[Event], list[tuple[str, str]]], role: str
-):
-    events, truth = conversation
-    if role == "server":
-        events = as_server(events)
-    records, conn = run(events, role=role)
-    assert [(r.method, r.status) for r in records] == truth
-    assert all(r.complete for r in records)
-    assert conn.counters["unparsed_bytes"] == conn.counters["parser_errors"] == 0
-    total = sum(size for _, size, _ in events)
-    assert sum(r.request_bytes + r.response_bytes for r in records) == total
-
-
-@PROPERTY
-@given(conversations(), st.integers(16, 5000), st.data())
-def test_truncated_streams_never_raise_and_never_invent_requests(
-    conversation: tuple[list[Event], list[tuple[str, str]]], capture: int, data: st.DataObject
-):
-    events, truth = conversation
-    truncated = [(d, s, p[: data.draw(st.integers(0, capture))]) for d, s, p in events]
-    records, conn = run(truncated)
-    assert len(records) <= len(truth)
-    assert conn.counters["parser_errors"] == 0
-
-
-# Non-pipelined, each message starting an event and heads inside the capture: cutting payloads
-# (bodies become gaps) never changes which requests are seen, only whether they are complete.
-@PROPERTY
-@given(st.lists(exchanges(), min_size=1, max_size=5), st.integers(256, 4096), st.data())
-def test_truncated_bodies_keep_the_request_count(
-    pairs: list[tuple[bytes, bytes, str, str]], capture: int, data: st.DataObject
-):
-    events: list[Event] = []
-    for request, response, _, _ in pairs:
-        for message, direction in ((request, "out"), (response, "in")):
-            events += [
-                (d, s, p[:capture]) for d, s, p in _split_randomly(data.draw, message, direction)
-            ]
-    records, conn = run(events)
-    assert [(r.method, r.status) for r in records] == [(m, s) for _, _, m, s in pairs]
-    assert conn.counters["parser_errors"] == 0
-
-
-@PROPERTY
-@given(
-    st.lists(
-        st.tuples(
-            st.sampled_from(["in", "out"]), st.integers(-5, 100_000), st.binary(max_size=300)
-        ),
-        max_size=30,
-    ),
-    st.sampled_from(["client", "server", "unknown"]),
-    st.lists(st.sampled_from([b"GET / HTTP/1.1\r\n", b"HTTP/1.1 200 OK\r\n", b"\r\n\r\n",
-                              b"Transfer-Encoding: chunked\r\n", b"Content-Length: 99999999999\r\n",
-                              b"0\r\n\r\n", b"ffffffffffffffffff\r\n", b"HEAD * HTTP/1.0\n\n"]),
-             max_size=10),
-)  # fmt: skip
-def test_random_bytes_never_raise(events: list[Event], role: str, fragments: list[bytes]):
-    conn = Http1Connection(role)
-    for i, (direction, size, payload) in enumerate(events):
-        if fragments and i % 2:
-            payload = fragments[i % len(fragments)] + payload
-        for record in conn.feed(direction, i, size, payload):
-            assert isinstance(record, Request)
-    conn.flush(len(events))
-    assert conn.counters["parser_errors"] == 0
+# The properties every stream parser has (kit.py), over HTTP/1 exchanges.
+HTTP1 = kit.StreamProperties(run, exchanges(), PROPERTY, captures=st.integers(16, 5000))
+test_valid_streams_split_anywhere_give_the_true_requests = HTTP1.true_requests
+test_truncated_streams_never_raise_and_never_invent_requests = HTTP1.none_invented
+# Bodies become gaps.
+test_truncated_bodies_keep_the_request_count = HTTP1.requests_kept_when_cut
+test_random_bytes_never_raise = PROPERTY(kit.random_bytes_never_raise(Http1Connection, [
+    b"GET / HTTP/1.1\r\n", b"HTTP/1.1 200 OK\r\n", b"\r\n\r\n", b"Transfer-Encoding: chunked\r\n",
+    b"Content-Length: 99999999999\r\n", b"0\r\n\r\n", b"ffffffffffffffffff\r\n",
+    b"HEAD * HTTP/1.0\n\n"]))

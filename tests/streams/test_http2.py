@@ -1,12 +1,11 @@
 from __future__ import annotations
 
 import collections
-import gzip
+import functools
 import json
-from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubesight.streams.http2 import (
     CONTINUATION,
@@ -29,46 +28,16 @@ from kubesight.streams.http2 import (
 from kubesight.streams.protocols import Sniffer
 from kubesight.streams.record import Request
 
-FIXTURES = Path(__file__).parent / "fixtures"
-SCHEMAS = Path(__file__).parents[2] / "schemas"
-FULL = 1 << 30  # capture size that keeps every payload whole
+from tests.streams import kit
+from tests.streams.kit import PROPERTY, ROLES, SCHEMAS, Event
 
-Event = tuple[str, int, bytes]  # direction, size, payload
-
-
-def load(name: str) -> list[Event]:
-    doc = json.loads((FIXTURES / "http2" / f"{name}.json").read_text())
-    return [(d, size, payload.encode("latin-1")) for d, size, payload in doc["events"]]
-
-
-def role_of(name: str) -> str:
-    return str(json.loads((FIXTURES / "http2" / f"{name}.json").read_text())["role"])
-
-
-def as_server(events: list[Event]) -> list[Event]:
-    """The same exchange seen from the server's side of the connection."""
-    return [("in" if d == "out" else "out", size, payload) for d, size, payload in events]
-
-
-def run(events: list[Event], role: str = "client",
-        capture: int = FULL) -> tuple[list[Request], Http2Connection]:
-    """Feed events (timestamps 1000, 2000, ...), then flush at 999_999_999."""
-    conn = Http2Connection(role)
-    records: list[Request] = []
-    for i, (direction, size, payload) in enumerate(events):
-        records += conn.feed(direction, (i + 1) * 1000, size, payload[:capture])
-    records += conn.flush(999_999_999)
-    return records, conn
+load = functools.partial(kit.load_events, "http2")
+run = kit.runner(Http2Connection, close_ns=999_999_999)  # run(events, role="client", capture=FULL)
 
 
 def brief(records: list[Request]) -> list[tuple[str, str, str, str, bool, int, int]]:
     return [(r.protocol, r.method, r.endpoint, r.status, r.error, r.request_bytes,
              r.response_bytes) for r in records]  # fmt: skip
-
-
-def split(data: bytes, *cuts: int) -> list[bytes]:
-    bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 def frame(ftype: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -131,15 +100,12 @@ CAPTURED = [
 
 
 @pytest.mark.parametrize("name, expected", CAPTURED, ids=[c[0] for c in CAPTURED])
-@pytest.mark.parametrize("side", ["client", "server", "unknown"])
+@pytest.mark.parametrize("side", ROLES)
 def test_captured_exchanges(name: str, expected: list[tuple], side: str):
-    events = load(name)
-    if side == "server":
-        events = as_server(events)
-    records, conn = run(events, role=side)
+    records, conn = run(kit.seen_from(side, load(name)), role=side)
     assert brief(records) == expected
     assert all(r.complete for r in records)
-    assert {r.side for r in records} == {"client" if side == "unknown" else side}
+    assert {r.side for r in records} == {kit.decided_side(side)}
     assert not any(conn.counters[k] for k in ("unparsed_bytes", "sync_losses", "hpack_lost",
                                                "lost_header_blocks", "orphan_responses",
                                                "unanswered_requests", "parser_errors"))
@@ -199,9 +165,7 @@ def test_client_reset_at_its_deadline_is_deadline_exceeded(rst_after_ms: float, 
 
 
 def test_split_byte_by_byte():
-    events = load("grpc_streaming")
-    byte_events = [(d, 1, p[i : i + 1]) for d, _, p in events for i in range(len(p))]
-    records, conn = run(byte_events)
+    records, conn = run(kit.byte_by_byte(load("grpc_streaming")))
     assert brief(records) == CAPTURED[1][1]
     assert all(r.complete for r in records)
 
@@ -211,8 +175,7 @@ def test_response_split_at_every_pair_of_boundaries():
     n = len(response[2])
     for a in range(1, n):
         for b in range(a, n, 7):
-            reads = [("in", len(p), p) for p in split(response[2], a, b) if p]
-            records, conn = run([request, *reads, ack])
+            records, conn = run([request, *kit.events_of("in", kit.split(response[2], a, b)), ack])
             assert brief(records) == CAPTURED[4][1], (a, b)
             assert records[0].complete, (a, b)
 
@@ -342,7 +305,7 @@ def test_headers_split_into_continuation_frames():
     def cut(ftype: int, flags: int, stream: int, payload: bytes) -> bytes:
         if ftype != HEADERS or len(payload) < 20:
             return frame(ftype, flags, stream, payload)
-        a, b, c = split(payload, 7, 15)
+        a, b, c = kit.split(payload, 7, 15)
         return (frame(HEADERS, flags & ~END_HEADERS, stream, a) + frame(CONTINUATION, 0, stream, b)
                 + frame(CONTINUATION, END_HEADERS, stream, c))
 
@@ -449,20 +412,8 @@ def test_detect(buf: bytes, preface: bool, frames: bool):
     assert detect_frames(buf) is frames
 
 
-def other_protocols_events() -> list[bytes]:
-    payloads = []
-    for path in sorted(FIXTURES.glob("*/*.json*")):
-        if path.parent.name == "http2":
-            continue
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        doc = json.loads(raw)
-        events = doc.get("events") or [e for c in doc.get("connections", []) for e in c]
-        payloads += [e[2].encode("latin-1") for e in events if isinstance(e[2], str)]
-    return payloads
-
-
 def test_no_event_of_another_protocols_fixtures_looks_like_http2():
-    payloads = other_protocols_events()
+    payloads = [p for _, p in kit.other_protocols_payloads("http2")]
     assert len(payloads) > 100
     assert [p[:32] for p in payloads if detect(p) or detect_frames(p)] == []
 
@@ -490,51 +441,32 @@ def test_wire_form_uses_the_requests_schema_fields():
 
 # --- properties -------------------------------------------------------------------------------
 
-PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY_150 = settings(PROPERTY, max_examples=150)
 ALL = [c[0] for c in CAPTURED]
 
 
-@PROPERTY
+@PROPERTY_150
 @given(st.sampled_from(ALL), st.data())
 def test_random_splits_give_the_same_records(name: str, data: st.DataObject):
-    events = []
-    for d, _, p in load(name):
-        cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(p) - 1)), max_size=4)))
-        events += [(d, len(part), part) for part in split(p, *[c for c in cuts if c < len(p)])]
-    records, conn = run(events)
+    records, conn = run(data.draw(kit.resplit(load(name))))
     assert brief(records) == dict(CAPTURED)[name]
     assert all(r.complete for r in records)
 
 
-@PROPERTY
+@PROPERTY_150
 @given(st.sampled_from(ALL), st.data())
 def test_random_truncation_never_raises_and_never_gives_wrong_names(name: str,
                                                                     data: st.DataObject):
-    events = [(d, s, p[: data.draw(st.integers(0, len(p)))]) for d, s, p in load(name)]
+    events = kit.truncate_randomly(data.draw, load(name))
     role = data.draw(st.sampled_from(["client", "unknown"]))
     records, conn = run(events, role=role)
     assert_never_wrong(records, true_calls(name))
     assert conn.counters["parser_errors"] == 0
 
 
-@PROPERTY
-@given(
-    st.lists(st.tuples(st.sampled_from(["in", "out"]), st.integers(-5, 100_000),
-                       st.binary(max_size=300)), max_size=30),
-    st.sampled_from(["client", "server", "unknown"]),
-    st.lists(st.sampled_from([PREFACE, frame(SETTINGS, 0, 0), frame(HEADERS, END_HEADERS, 1),
-                              frame(HEADERS, 0, 1, b"\x82"), frame(CONTINUATION, 4, 1, b"\xbe"),
-                              frame(DATA, END_STREAM, 1), frame(RST_STREAM, 0, 1, b"\0\0\0\x08"),
-                              frame(GOAWAY, 0, 0, b"\0" * 8), b"\x00\x00\x05\x01\x24\x00"]),
-             max_size=10),
-)  # fmt: skip
-def test_random_bytes_never_raise(events: list[Event], role: str, fragments: list[bytes]):
-    conn = Http2Connection(role)
-    for i, (direction, size, payload) in enumerate(events):
-        if fragments and i % 2:
-            payload = fragments[i % len(fragments)] + payload
-        for record in conn.feed(direction, i, size, payload):
-            assert isinstance(record, Request)
-    conn.flush(len(events))
-    assert conn.counters["parser_errors"] == 0
-    assert all(v >= 0 for v in conn.counters.values())
+# The property every stream parser has (kit.py): random bytes after some of these.
+test_random_bytes_never_raise = PROPERTY_150(kit.random_bytes_never_raise(Http2Connection, [
+    PREFACE, frame(SETTINGS, 0, 0), frame(HEADERS, END_HEADERS, 1), frame(HEADERS, 0, 1, b"\x82"),
+    frame(CONTINUATION, 4, 1, b"\xbe"), frame(DATA, END_STREAM, 1),
+    frame(RST_STREAM, 0, 1, b"\0\0\0\x08"), frame(GOAWAY, 0, 0, b"\0" * 8),
+    b"\x00\x00\x05\x01\x24\x00"]))

@@ -1,48 +1,29 @@
 from __future__ import annotations
 
-import gzip
-import json
 import re
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubesight.streams import kafka_messages
 from kubesight.streams.kafka import KafkaConnection, detect
 from kubesight.streams.protocols import Sniffer
 from kubesight.streams.record import Request
 
-FIXTURES = Path(__file__).parent / "fixtures"
-KAFKA = FIXTURES / "kafka"
-FULL = 1 << 30  # capture size that keeps every payload as recorded
+from tests.streams import kit
+from tests.streams.kit import FIXTURES, FULL, PROPERTY, ROLES, Event
 
-Event = tuple[str, int, bytes]  # direction, size, payload
+KAFKA = FIXTURES / "kafka"
 
 
 def load(name: str) -> tuple[dict[str, Any], list[list[Event]]]:
-    doc = json.loads((KAFKA / f"{name}.json").read_text())
-    conns = [[(d, size, p.encode("latin-1")) for d, size, p in c["events"]]
-             for c in doc["connections"]]
-    return doc, conns
+    doc = kit.read_fixture("kafka", name)
+    return doc, [kit.decode(c["events"]) for c in doc["connections"]]
 
 
-def as_server(events: list[Event]) -> list[Event]:
-    """The same connection seen from the broker's side."""
-    return [("in" if d == "out" else "out", size, payload) for d, size, payload in events]
-
-
-def run(events: list[Event], role: str = "client", capture: int = FULL
-        ) -> tuple[list[Request], KafkaConnection]:
-    """Feed events (timestamps 1000, 2000, ...), then flush at 999_999."""
-    conn = KafkaConnection(role)
-    records: list[Request] = []
-    for i, (direction, size, payload) in enumerate(events):
-        records += conn.feed(direction, (i + 1) * 1000, size, payload[:capture])
-    records += conn.flush(999_999)
-    return records, conn
+run = kit.runner(KafkaConnection, close_ns=999_999)  # run(events, role="client", capture=FULL)
 
 
 def run_all(conns: list[list[Event]], role: str = "client", capture: int = FULL
@@ -50,9 +31,7 @@ def run_all(conns: list[list[Event]], role: str = "client", capture: int = FULL
     records: list[Request] = []
     counters: Counter[str] = Counter()
     for events in conns:
-        if role == "server":
-            events = as_server(events)
-        recs, conn = run(events, role, capture)
+        recs, conn = run(kit.seen_from(role, events), role, capture)
         records += recs
         counters.update(conn.counters)
     return records, counters
@@ -123,7 +102,7 @@ SCENARIOS = ["produce_acks_all", "produce_acks0", "consumer_group", "fetch_big",
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
-@pytest.mark.parametrize("side", ["client", "server", "unknown"])
+@pytest.mark.parametrize("side", ROLES)
 @pytest.mark.parametrize("capture", [FULL, 4096])
 def test_records_match_what_the_client_reports(name: str, side: str, capture: int) -> None:
     doc, conns = load(name)
@@ -131,7 +110,7 @@ def test_records_match_what_the_client_reports(name: str, side: str, capture: in
     expected, in_flight = client_account(name, doc)
     assert account_of(records, with_bytes=name != "java_clients") == expected
     assert all(r.complete for r in records)
-    assert {r.side for r in records} == {"client" if side == "unknown" else side}
+    assert {r.side for r in records} == {kit.decided_side(side)}
     assert counters["unanswered_requests"] == in_flight
     assert counters["unparsed_bytes"] == counters["sync_losses"] == 0
     assert counters["orphan_responses"] == counters["lost_responses"] == 0
@@ -230,8 +209,7 @@ def test_messages_split_across_events_at_any_byte(name: str, k: int) -> None:
 
 
 def directions(events: list[Event]) -> tuple[bytes, bytes]:
-    return (b"".join(p for d, _, p in events if d == "out"),
-            b"".join(p for d, _, p in events if d == "in"))
+    return kit.joined(events, "out"), kit.joined(events, "in")
 
 
 def test_pipelined_requests_in_one_write_and_responses_in_reads_cut_anywhere() -> None:
@@ -308,25 +286,6 @@ def test_sniffer_hands_kafka_connections_to_the_kafka_parser() -> None:
         assert count == sum(answered.values()), name
 
 
-def other_protocols_payloads() -> list[tuple[str, bytes]]:
-    """Every payload of the other protocols' captured fixtures (each directory's JSON files of
-    [direction, size, payload] events, alone or per connection)."""
-    out = []
-    for path in sorted(FIXTURES.glob("*/*.json*")):
-        if path.parent.name == "kafka" or path.suffix not in (".json", ".gz"):
-            continue
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        doc = json.loads(raw)
-        if not isinstance(doc, dict):
-            continue
-        conns = [doc] if "events" in doc else doc.get("connections") or []
-        for conn in conns:
-            for ev in conn.get("events", []) if isinstance(conn, dict) else []:
-                if isinstance(ev, list) and len(ev) == 3 and isinstance(ev[2], str):
-                    out.append((f"{path.parent.name}/{path.name}", ev[2].encode("latin-1")))
-    return out
-
-
 # From the protocols' specifications, for what the captures above may lack.
 NOT_KAFKA = [
     b"\x00\x00\x00\x08\x04\xd2\x16\x2f",  # PostgreSQL SSLRequest
@@ -348,7 +307,7 @@ NOT_KAFKA = [
 
 
 def test_detect_claims_no_other_protocol() -> None:
-    payloads = other_protocols_payloads() + [("spec", b) for b in NOT_KAFKA]
+    payloads = kit.other_protocols_payloads("kafka") + [("spec", b) for b in NOT_KAFKA]
     assert len(payloads) > len(NOT_KAFKA)  # at least the HTTP/1 captures are there
     assert [(where, p[:24]) for where, p in payloads if detect(p)] == []
 
@@ -405,7 +364,7 @@ event_strategy = st.tuples(st.sampled_from(["in", "out"]), st.integers(0, 1 << 2
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(event_strategy, max_size=30), st.sampled_from(["client", "server", "unknown"]))
+@given(st.lists(event_strategy, max_size=30), st.sampled_from(ROLES))
 def test_random_events_never_raise(events: list[tuple[str, int, bytes]], role: str) -> None:
     conn = KafkaConnection(role)
     records = []
@@ -423,7 +382,7 @@ def test_random_events_never_raise(events: list[tuple[str, int, bytes]], role: s
 CAPTURED = [events for name in SCENARIOS for events in load(name)[1]]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(PROPERTY, max_examples=200)
 @given(st.sampled_from(range(len(CAPTURED))), st.data())
 def test_cut_and_corrupted_captures_never_raise(index: int, data: st.DataObject) -> None:
     """Real connections with each payload cut to a random length and some bytes flipped: never

@@ -1,45 +1,21 @@
 from __future__ import annotations
 
-import gzip
+import functools
 import json
 import struct
-from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubesight.streams.mysql import MAX_STATEMENTS, MysqlConnection, detect
 from kubesight.streams.protocols import ParserOptions, Sniffer
 from kubesight.streams.record import Request
 
-FIXTURES = Path(__file__).parent / "fixtures"
-SCHEMAS = Path(__file__).parents[2] / "schemas"
-FULL = 1 << 30  # capture size that keeps every payload whole
+from tests.streams import kit
+from tests.streams.kit import PROPERTY, ROLES, SCHEMAS
 
-Event = tuple[str, int, bytes]  # direction, size, payload
-
-
-def load(name: str, protocol: str = "mysql") -> list[Event]:
-    path = FIXTURES / protocol / f"{name}.json"
-    text = path.read_text() if path.exists() else gzip.decompress(
-        path.with_suffix(".json.gz").read_bytes()).decode()
-    return [(d, size, payload.encode("latin-1")) for d, size, payload in json.loads(text)["events"]]
-
-
-def as_server(events: list[Event]) -> list[Event]:
-    """The same exchange seen from the server's side of the connection."""
-    return [("in" if d == "out" else "out", size, payload) for d, size, payload in events]
-
-
-def run(events: list[Event], role: str = "client", capture: int = FULL,
-        options: ParserOptions | None = None) -> tuple[list[Request], MysqlConnection]:
-    """Feed events (timestamps 1000, 2000, ...), then flush at 999_999."""
-    conn = MysqlConnection(role, options or ParserOptions())
-    records: list[Request] = []
-    for i, (direction, size, payload) in enumerate(events):
-        records += conn.feed(direction, (i + 1) * 1000, size, payload[:capture])
-    records += conn.flush(999_999)
-    return records, conn
+load = functools.partial(kit.load_events, "mysql")
+run = kit.runner(MysqlConnection, close_ns=999_999)  # run(events, role, capture, options=...)
 
 
 def brief(records: list[Request]) -> list[tuple[str, str, str, int, int]]:
@@ -128,16 +104,13 @@ NAMES = [name for name, _ in CAPTURED]
 
 
 @pytest.mark.parametrize("name, expected", CAPTURED, ids=NAMES)
-@pytest.mark.parametrize("side", ["client", "server", "unknown"])
+@pytest.mark.parametrize("side", ROLES)
 def test_captured_connections(name: str, expected: list[tuple[str, str, str, int, int]],
                               side: str):
-    events = load(name)
-    if side == "server":
-        events = as_server(events)
-    records, conn = run(events, role=side)
+    records, conn = run(kit.seen_from(side, load(name)), role=side)
     assert brief(records) == expected
     assert all(r.complete for r in records)
-    assert {r.side for r in records} <= {"client" if side == "unknown" else side}
+    assert {r.side for r in records} <= {kit.decided_side(side)}
     assert {r.error for r in records} == {r.status not in ("OK", "") for r in records}
     counters = conn.counters
     assert counters["unparsed_bytes"] == counters["sync_losses"] == counters["parser_errors"] == 0
@@ -179,10 +152,8 @@ def test_pipelined_commands_pair_with_their_responses_in_order():
                                   "raw_prepared_deprecate_eof", "cli_local_infile",
                                   "connector_admin"])
 def test_events_split_byte_by_byte_give_the_same_records(name: str):
-    events = load(name)
-    whole, _ = run(events)
-    byte_events = [(d, 1, p[i : i + 1]) for d, _, p in events for i in range(len(p))]
-    records, conn = run(byte_events)
+    whole, _ = run(load(name))
+    records, conn = run(kit.byte_by_byte(load(name)))
     assert brief(records) == brief(whole)
     assert [r.query for r in records] == [r.query for r in whole]
     assert conn.counters["sync_losses"] == 0
@@ -305,7 +276,7 @@ def test_connection_seen_mid_way_is_picked_up_at_a_command(start: int):
     the first command seen whole; a statement prepared earlier runs without its text."""
     events = load("connector_prepared")
     full, _ = run(events)
-    for side, evs in (("client", events), ("server", as_server(events))):
+    for side, evs in (("client", events), ("server", kit.as_server(events))):
         records, conn = run(evs[start:], role="unknown")
         assert conn.role == side
         assert [r.method for r in records] == [r.method for r in full][-len(records):]
@@ -379,25 +350,12 @@ def test_detect(buf: bytes, expected: bool):
     assert detect(buf) is expected
 
 
-def _captured_payloads(node: object) -> list[bytes]:
-    """Every ``[direction, size, payload]`` event in a fixture document, whatever its shape."""
-    if isinstance(node, list):
-        if (len(node) == 3 and node[0] in ("in", "out") and isinstance(node[1], int)
-                and isinstance(node[2], str)):
-            return [node[2].encode("latin-1")]
-        return [p for item in node for p in _captured_payloads(item)]
-    if isinstance(node, dict):
-        return [p for item in node.values() for p in _captured_payloads(item)]
-    return []
-
-
 def test_detect_claims_no_other_protocols_captured_bytes():
     """Every event of every other protocol's fixtures (HTTP, Redis, PostgreSQL, DNS, ...)."""
-    others = [p for p in FIXTURES.glob("*/*.json") if p.parent.name != "mysql"]
+    others = kit.other_protocols_payloads("mysql")
     assert others, "no other protocol's fixtures to check against"
-    for path in others:
-        for payload in _captured_payloads(json.loads(path.read_text())):
-            assert not detect(payload[:4096]), (path.name, payload[:40])
+    for where, payload in others:
+        assert not detect(payload[:4096]), (where, payload[:40])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -422,43 +380,29 @@ def test_wire_form_uses_the_requests_schema_fields():
 
 # --- properties -------------------------------------------------------------------------------
 
-PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY_200 = settings(PROPERTY, max_examples=200)
 SMALL = [n for n in NAMES if n != "cli_large_packets"]
 
 
-@st.composite
-def resplit(draw: st.DrawFn, events: list[Event]) -> list[Event]:
-    """The same bytes in other syscall boundaries (direction changes stay where they were)."""
-    out: list[Event] = []
-    for direction, _, payload in events:
-        cuts = sorted(draw(st.sets(st.integers(1, max(1, len(payload) - 1)), max_size=4)))
-        bounds = [0, *[c for c in cuts if c < len(payload)], len(payload)]
-        out += [(direction, b - a, payload[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
-    return out
-
-
-@PROPERTY
-@given(st.sampled_from(SMALL), st.sampled_from(["client", "server", "unknown"]), st.data())
+@PROPERTY_200
+@given(st.sampled_from(SMALL), st.sampled_from(ROLES), st.data())
 def test_real_connections_split_anywhere_give_the_same_records(name: str, role: str,
                                                                 data: st.DataObject):
     events = load(name)
     # Unknown role: the greeting is what tells who is who, so it stays one read.
-    events = events[:1] + data.draw(resplit(events[1:])) if role == "unknown" else data.draw(
-        resplit(events))
-    if role == "server":
-        events = as_server(events)
-    records, conn = run(events, role=role)
+    events = events[:1] + data.draw(kit.resplit(events[1:])) if role == "unknown" else data.draw(
+        kit.resplit(events))
+    records, conn = run(kit.seen_from(role, events), role=role)
     assert brief(records) == CAPTURED[NAMES.index(name)][1]
     assert conn.counters["sync_losses"] == conn.counters["parser_errors"] == 0
 
 
-@PROPERTY
+@PROPERTY_200
 @given(st.sampled_from(SMALL), st.data())
 def test_truncated_real_connections_never_raise_or_invent_commands(name: str,
                                                                    data: st.DataObject):
     events = load(name)
-    cut = [(d, size, p[: data.draw(st.integers(0, len(p)))]) for d, size, p in events]
-    records, conn = run(cut)
+    records, conn = run(kit.truncate_randomly(data.draw, events))
     truth = CAPTURED[NAMES.index(name)][1]
     assert len(records) <= len(truth)
     assert conn.counters["parser_errors"] == 0
@@ -469,11 +413,11 @@ def test_truncated_real_connections_never_raise_or_invent_commands(name: str,
     assert all(r.end_ns >= r.start_ns for r in records)
 
 
-@PROPERTY
+@PROPERTY_200
 @given(
     st.lists(st.tuples(st.sampled_from(["in", "out"]), st.binary(max_size=300),
                        st.integers(0, 70000)), max_size=30),
-    st.sampled_from(["client", "server", "unknown"]),
+    st.sampled_from(ROLES),
 )
 def test_random_bytes_never_raise(events: list[tuple[str, bytes, int]], role: str):
     conn = MysqlConnection(role)

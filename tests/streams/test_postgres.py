@@ -1,45 +1,24 @@
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubesight.streams.postgres import PostgresConnection, detect, split_statements
 from kubesight.streams.protocols import ParserOptions, Sniffer
 from kubesight.streams.record import Request
 
 from tests.pgserver import PASSWORD_ROLES
-
-FIXTURES = Path(__file__).parent / "fixtures"
-FULL = 1 << 30  # capture size that keeps every payload whole
-
-Event = tuple[str, int, bytes]  # direction, size, payload
+from tests.streams import kit
+from tests.streams.kit import FIXTURES, PROPERTY, ROLES, Event
 
 
 def load(name: str, connection: int = -1) -> list[Event]:
     """One connection of a fixture (by default the last: pgbench's first one only reads the
     scale and checks partitioning, the last runs the transactions)."""
-    doc = json.loads((FIXTURES / "postgres" / f"{name}.json").read_text())
-    events = doc["connections"][connection]
-    return [(d, size, payload.encode("latin-1")) for d, size, payload in events]
+    return kit.decode(kit.read_fixture("postgres", name)["connections"][connection])
 
 
-def as_server(events: list[Event]) -> list[Event]:
-    """The same exchange seen from the server's side of the connection."""
-    return [("in" if d == "out" else "out", size, payload) for d, size, payload in events]
-
-
-def run(events: list[Event], role: str = "client", capture: int = FULL,
-        options: ParserOptions | None = None) -> tuple[list[Request], PostgresConnection]:
-    """Feed events (timestamps 1000, 2000, ...), then flush at 999_999."""
-    conn = PostgresConnection(role, options)
-    records: list[Request] = []
-    for i, (direction, size, payload) in enumerate(events):
-        records += conn.feed(direction, (i + 1) * 1000, size, payload[:capture])
-    records += conn.flush(999_999)
-    return records, conn
+run = kit.runner(PostgresConnection, close_ns=999_999)  # run(events, role, capture, options=...)
 
 
 def brief(records: list[Request]) -> list[tuple[str, str, str]]:
@@ -103,16 +82,13 @@ IDS = [f"{name}[{conn}]" for name, conn, _ in CAPTURED]
 
 
 @pytest.mark.parametrize("name, connection, expected", CAPTURED, ids=IDS)
-@pytest.mark.parametrize("side", ["client", "server", "unknown"])
+@pytest.mark.parametrize("side", ROLES)
 def test_captured_exchanges(name: str, connection: int, expected: list[tuple[str, str, str]],
                             side: str) -> None:
-    events = load(name, connection)
-    if side == "server":
-        events = as_server(events)
-    records, conn = run(events, role=side)
+    records, conn = run(kit.seen_from(side, load(name, connection)), role=side)
     assert brief(records) == expected
     assert all(r.complete for r in records)
-    assert {r.side for r in records} == {"client" if side == "unknown" else side}
+    assert {r.side for r in records} == {kit.decided_side(side)}
     assert {r.protocol for r in records} == {"postgresql"}
     assert [r.error for r in records] == [s != "OK" for _, _, s in expected]
     for key in ("unparsed_bytes", "sync_losses", "orphan_responses", "unanswered_requests",
@@ -194,8 +170,7 @@ def test_many_batches_in_one_write_and_one_read() -> None:
     events = load("pgbench_extended")
     start = next(i for i, (d, _, p) in enumerate(events) if d == "out" and p[:1] == b"P")
     head, body = events[:start], events[start:]
-    out = b"".join(p for d, _, p in body if d == "out")
-    back = b"".join(p for d, _, p in body if d == "in")
+    out, back = kit.joined(body, "out"), kit.joined(body, "in")
     records, conn = run([*head, ("out", len(out), out), ("in", len(back), back)])
     assert brief(records) == tpcb("Execute") * 2
     assert conn.counters["orphan_responses"] == 0
@@ -204,10 +179,8 @@ def test_many_batches_in_one_write_and_one_read() -> None:
 @pytest.mark.parametrize("name", ["psql_queries", "pipeline_prepared", "error_prepared", "copy",
                                   "auth_scram_sha_256"])
 def test_split_at_every_byte(name: str) -> None:
-    events = load(name)
-    expected = brief(run(events)[0])
-    one_byte = [(d, 1, p[i : i + 1]) for d, _, p in events for i in range(len(p))]
-    records, conn = run(one_byte)
+    expected = brief(run(load(name))[0])
+    records, conn = run(kit.byte_by_byte(load(name)))
     assert brief(records) == expected
     assert all(r.complete for r in records) and conn.counters["sync_losses"] == 0
 
@@ -264,7 +237,7 @@ def test_password_never_reaches_a_record(method: str) -> None:
     assert any(p[:1] == b"p" for d, _, p in events if d == "out")  # a password message was sent
     if method == "password":
         assert password in wire  # cleartext: the fixture really holds it
-    for role, evs in (("client", events), ("server", as_server(events))):
+    for role, evs in (("client", events), ("server", kit.as_server(events))):
         records, conn = run(evs, role)
         assert brief(records) == WHO_AM_I
         text = repr([r.to_wire() for r in records]) + repr(conn.statements) + repr(conn.portals)
@@ -337,7 +310,7 @@ def test_mid_connection_role_from_bytes_and_unknown_prepared_statements() -> Non
     # From the second transaction on: the statements were prepared before we looked.
     start = next(i for i, (d, _, p) in enumerate(events)
                  if i > 30 and d == "out" and p.startswith(b"B\0\0\0\x11\0P_0"))
-    for side, evs in (("client", events[start:]), ("server", as_server(events[start:]))):
+    for side, evs in (("client", events[start:]), ("server", kit.as_server(events[start:]))):
         records, conn = run(evs, role="unknown")
         assert conn.role == side
         assert brief(records) == [("Execute", "UNKNOWN", "OK")] * 7
@@ -353,18 +326,9 @@ def test_mid_connection_first_event_is_an_answer() -> None:
 
 
 # -- detection ---------------------------------------------------------------------------------
-def _payloads(protocol: str) -> list[bytes]:
-    out = []
-    for path in sorted((FIXTURES / protocol).glob("*.json")):
-        doc = json.loads(path.read_text())
-        for events in doc.get("connections") or [doc.get("events", [])]:
-            out += [p.encode("latin-1")[:4096] for _, _, p in events]
-    return out
-
-
 def test_detects_every_first_payload() -> None:
     for path in sorted((FIXTURES / "postgres").glob("*.json")):
-        for i in range(len(json.loads(path.read_text())["connections"])):
+        for i in range(len(kit.read_fixture("postgres", path.stem)["connections"])):
             events = load(path.stem, i)
             assert detect(events[0][2]), (path.stem, i)  # SSLRequest
             assert detect(events[2][2]), (path.stem, i)  # StartupMessage
@@ -379,8 +343,8 @@ def test_detects_mid_connection_messages() -> None:
 
 @pytest.mark.parametrize("protocol", ["http1", "http2", "dns", "redis", "mysql"])
 def test_does_not_claim_other_protocols(protocol: str) -> None:
-    for payload in _payloads(protocol):
-        assert not detect(payload), payload[:60]
+    for _, payload in kit.captured_payloads(protocol):
+        assert not detect(payload[:4096]), payload[:60]
 
 
 @pytest.mark.parametrize("payload", [
@@ -425,10 +389,10 @@ def _sane(records: list[Request], conn: PostgresConnection) -> None:
         assert r.end_ns >= r.start_ns >= 0 and len(r.query) <= 1024
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@PROPERTY
 @given(st.lists(st.tuples(st.sampled_from(["in", "out"]), st.binary(max_size=300),
                           st.integers(0, 5000)), max_size=20),
-       st.sampled_from(["client", "server", "unknown"]))
+       st.sampled_from(ROLES))
 def test_random_bytes_never_raise(events: list[tuple[str, bytes, int]], role: str) -> None:
     conn = PostgresConnection(role)
     records: list[Request] = []
@@ -441,7 +405,7 @@ def test_random_bytes_never_raise(events: list[tuple[str, bytes, int]], role: st
 SMALL = [c for c in CAPTURED if c[0] not in ("big_result", "long_query")]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(PROPERTY, max_examples=150)
 @given(st.sampled_from(SMALL), st.lists(st.integers(1, 600), max_size=12))
 def test_any_split_gives_the_same_records(case: tuple[str, int, list[tuple[str, str, str]]],
                                           cuts: list[int]) -> None:
@@ -451,18 +415,16 @@ def test_any_split_gives_the_same_records(case: tuple[str, int, list[tuple[str, 
     assert conn.counters["sync_losses"] == 0
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(PROPERTY, max_examples=200)
 @given(st.sampled_from(CAPTURED), st.integers(1, 4096), st.integers(0, 60),
-       st.sampled_from(["client", "server", "unknown"]), st.lists(st.integers(1, 600), max_size=6))
+       st.sampled_from(ROLES), st.lists(st.integers(1, 600), max_size=6))
 def test_cut_captures_and_early_ends_never_invent_requests(
         case: tuple[str, int, list[tuple[str, str, str]]], capture: int, skip: int, role: str,
         cuts: list[int]) -> None:
     """Any capture size, starting anywhere (probe started late), split anywhere: no error,
     and never more records than statements the server ran."""
     name, connection, expected = case
-    events = rechunk(load(name, connection), cuts)[skip:]
-    if role == "server":
-        events = as_server(events)
+    events = kit.seen_from(role, rechunk(load(name, connection), cuts)[skip:])
     records, conn = run(events, role=role, capture=capture)
     _sane(records, conn)
     assert len(records) <= len(expected)

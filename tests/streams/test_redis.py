@@ -1,42 +1,20 @@
 from __future__ import annotations
 
+import functools
 import json
-from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kubesight.streams.protocols import Sniffer
 from kubesight.streams.record import Request
 from kubesight.streams.redis import RedisConnection, detect
 from kubesight.streams.redis_commands import command, query
 
-FIXTURES = Path(__file__).parent / "fixtures" / "redis"
-FULL = 1 << 30  # capture size that keeps every payload whole
+from tests.streams import kit
+from tests.streams.kit import PROPERTY, ROLES, Exchange
 
-Event = tuple[str, int, bytes]  # direction, size, payload
-
-
-def load(name: str) -> list[Event]:
-    doc = json.loads((FIXTURES / f"{name}.json").read_text())
-    return [(d, size, payload.encode("latin-1")) for d, size, payload in doc["events"]]
-
-
-def as_server(events: list[Event]) -> list[Event]:
-    """The same exchange seen from the server's side of the connection."""
-    return [("in" if d == "out" else "out", size, payload) for d, size, payload in events]
-
-
-def run(
-    events: list[Event], role: str = "client", capture: int = FULL
-) -> tuple[list[Request], RedisConnection]:
-    """Feed events (timestamps 1000, 2000, ...), then flush at 999_999_999."""
-    conn = RedisConnection(role)
-    records: list[Request] = []
-    for i, (direction, size, payload) in enumerate(events):
-        records += conn.feed(direction, (i + 1) * 1000, size, payload[:capture])
-    records += conn.flush(999_999_999)
-    return records, conn
+load = functools.partial(kit.load_events, "redis")
+run = kit.runner(RedisConnection, close_ns=999_999_999)  # run(events, role="client", capture=FULL)
 
 
 def brief(records: list[Request]) -> list[tuple[str, str, str]]:
@@ -49,15 +27,6 @@ def resp(*args: bytes | str) -> bytes:
         raw = arg.encode() if isinstance(arg, str) else arg
         out += b"$%d\r\n%s\r\n" % (len(raw), raw)
     return out
-
-
-def split(data: bytes, *cuts: int) -> list[bytes]:
-    bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
-
-
-def total_bytes(events: list[Event]) -> int:
-    return sum(size for _, size, _ in events)
 
 
 # Captured from redis-server 7.0 on loopback (see fixtures/redis/README.md).
@@ -117,16 +86,13 @@ NAMES = [c[0] for c in CAPTURED]
 
 
 @pytest.mark.parametrize("name, expected, pushes", CAPTURED, ids=NAMES)
-@pytest.mark.parametrize("side", ["client", "server", "unknown"])
+@pytest.mark.parametrize("side", ROLES)
 def test_captured_exchanges(name: str, expected: list[tuple[str, str, str]], pushes: int,
                             side: str):
-    events = load(name)
-    if side == "server":
-        events = as_server(events)
-    records, conn = run(events, role=side)
+    records, conn = run(kit.seen_from(side, load(name)), role=side)
     assert brief(records) == expected
     assert all(r.complete for r in records)
-    assert {r.side for r in records} == {"client" if side == "unknown" else side}
+    assert {r.side for r in records} == {kit.decided_side(side)}
     assert {r.protocol for r in records} == {"redis"}
     assert conn.counters["pushes"] == pushes
     for counter in ("unparsed_bytes", "sync_losses", "orphan_responses", "unanswered_requests",
@@ -139,7 +105,7 @@ def test_captured_exchanges(name: str, expected: list[tuple[str, str, str]], pus
 def test_every_byte_belongs_to_a_request_or_its_reply(name: str):
     events = load(name)
     records, _ = run(events)
-    assert sum(r.request_bytes + r.response_bytes for r in records) == total_bytes(events)
+    assert sum(r.request_bytes + r.response_bytes for r in records) == kit.total_bytes(events)
 
 
 def test_request_and_reply_sizes_and_timestamps():
@@ -182,15 +148,14 @@ def test_pipelined_replies_pair_in_order_with_the_event_that_completed_them():
 def test_reply_stream_split_at_every_byte_boundary(name: str):
     events = load(name)
     expected = brief(run(events)[0])
-    replies = b"".join(p for d, _, p in events if d == "in")
-    requests = b"".join(p for d, _, p in events if d == "out")
+    replies, requests = kit.joined(events, "in"), kit.joined(events, "out")
     if name != "pipelined":  # keep request/reply order: one split inside each direction
         events = [e for e in events if e[0] == "out"][:1]
-        replies = b"".join(p for d, _, p in load(name)[:2] if d == "in")
+        replies = kit.joined(load(name)[:2], "in")
         requests = b""
         expected = expected[:1]
     for cut in range(1, len(replies)):
-        reads = [("in", len(part), part) for part in split(replies, cut)]
+        reads = kit.events_of("in", kit.split(replies, cut))
         writes = [("out", len(requests), requests)] if requests else events
         records, conn = run([*writes, *reads])
         assert brief(records) == expected, cut
@@ -199,10 +164,8 @@ def test_reply_stream_split_at_every_byte_boundary(name: str):
 
 @pytest.mark.parametrize("name", ["basic", "resp3", "pubsub", "inline", "multi_exec"])
 def test_every_event_split_byte_by_byte(name: str):
-    events = load(name)
-    byte_events = [(d, 1, p[i : i + 1]) for d, _, p in events for i in range(len(p))]
-    records, conn = run(byte_events)
-    assert brief(records) == brief(run(events)[0])
+    records, conn = run(kit.byte_by_byte(load(name)))
+    assert brief(records) == brief(run(load(name))[0])
     assert all(r.complete for r in records)
     assert conn.counters["sync_losses"] == 0
 
@@ -212,8 +175,7 @@ def test_pipelined_requests_split_mid_command():
     writes = events[2][2]
     reads = [e for e in events[3:]]
     for cut in range(1, len(writes)):
-        parts = [("out", len(p), p) for p in split(writes, cut)]
-        records, _ = run([*parts, *reads])
+        records, _ = run([*kit.events_of("out", kit.split(writes, cut)), *reads])
         assert [r.method for r in records] == [
             "SET", "GET", "INCR", "LPUSH", "LRANGE", "INCR", "GET", "MGET", "DEL", "PING"], cut
 
@@ -354,7 +316,7 @@ def test_unknown_role_is_decided_by_the_first_command_or_reply():
 
 def test_server_side_of_unknown_role():
     conn = RedisConnection("unknown")
-    records = [r for i, (d, s, p) in enumerate(as_server(load("basic")))
+    records = [r for i, (d, s, p) in enumerate(kit.as_server(load("basic")))
                for r in conn.feed(d, i, s, p)]  # fmt: skip
     assert conn.role == "server" and len(records) == 18
 
@@ -488,7 +450,7 @@ def replies(draw: st.DrawFn, depth: int = 0) -> tuple[bytes, str]:
 
 
 @st.composite
-def exchanges(draw: st.DrawFn) -> tuple[bytes, bytes, str, str]:
+def exchanges(draw: st.DrawFn) -> Exchange:
     """One command and its reply, with the endpoint and status the truth says."""
     name = draw(NAMES_AND_KEYS)
     args = [name.encode(), *draw(st.lists(VALUE, max_size=4))]
@@ -501,109 +463,22 @@ def exchanges(draw: st.DrawFn) -> tuple[bytes, bytes, str, str]:
     return request, reply, command(list(args)), status
 
 
-PUSH = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\nkey\r\n"
-
-
-def _split_randomly(draw: st.DrawFn, data: bytes, direction: str) -> list[Event]:
-    cuts = sorted(draw(st.lists(st.integers(1, max(1, len(data) - 1)), max_size=6, unique=True)))
-    return [(direction, len(p), p) for p in split(data, *[c for c in cuts if c < len(data)]) if p]
-
-
-@st.composite
-def conversations(draw: st.DrawFn) -> tuple[list[Event], list[tuple[str, str]], int]:
-    """A connection (sometimes pipelined, sometimes with pushes between replies), split at
-    random points; returns events, the truth and the number of pushes."""
-    pairs = draw(st.lists(exchanges(), min_size=1, max_size=6))
-    truth = [(name, status) for _, _, name, status in pairs]
-    pushes = [draw(st.booleans()) for _ in pairs]
-    replies_ = [(PUSH if p else b"") + reply for (_, reply, _, _), p in zip(pairs, pushes,
-                                                                            strict=True)]
-    if draw(st.booleans()):  # pipelined: every command in one write stream, then the replies
-        events = _split_randomly(draw, b"".join(p[0] for p in pairs), "out")
-        events += _split_randomly(draw, b"".join(replies_), "in")
-    else:
-        events = []
-        for (request, _, _, _), reply in zip(pairs, replies_, strict=True):
-            events += _split_randomly(draw, request, "out")
-            events += _split_randomly(draw, reply, "in")
-    return events, truth, sum(pushes)
-
-
-PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@PROPERTY
-@given(conversations(), st.sampled_from(["client", "server", "unknown"]))
-def test_valid_streams_split_anywhere_give_the_true_requests(
-    conversation: tuple[list[Event], list[tuple[str, str]], int], role: str
-):
-    events, truth, pushes = conversation
-    if role == "server":
-        events = as_server(events)
-    records, conn = run(events, role=role)
-    assert [(r.method, r.status) for r in records] == truth
-    assert all(r.complete for r in records)
-    assert conn.counters["pushes"] == pushes
-    assert conn.counters["unparsed_bytes"] == conn.counters["parser_errors"] == 0
-    assert sum(r.request_bytes + r.response_bytes for r in records) == (
-        total_bytes(events) - pushes * len(PUSH))
-
-
-@PROPERTY
-@given(conversations(), st.integers(0, 5000), st.data())
-def test_truncated_streams_never_raise_and_never_invent_requests(
-    conversation: tuple[list[Event], list[tuple[str, str]], int], capture: int,
-    data: st.DataObject
-):
-    events, truth, _ = conversation
-    truncated = [(d, s, p[: data.draw(st.integers(0, capture))]) for d, s, p in events]
-    records, conn = run(truncated)
-    assert len(records) <= len(truth)
-    assert conn.counters["parser_errors"] == 0
-
-
-# Not pipelined, each message starting an event, headers and error lines inside the capture:
-# cutting payloads never changes which requests are seen or their status, only completeness.
-@PROPERTY
-@given(st.lists(exchanges(), min_size=1, max_size=5), st.integers(256, 4096), st.data())
-def test_truncated_payloads_keep_requests_and_statuses(
-    pairs: list[tuple[bytes, bytes, str, str]], capture: int, data: st.DataObject
-):
-    events: list[Event] = []
-    for request, reply, _, _ in pairs:
-        for message, direction in ((request, "out"), (reply, "in")):
-            events += [
-                (d, s, p[:capture]) for d, s, p in _split_randomly(data.draw, message, direction)
-            ]
-    records, conn = run(events)
-    assert [(r.method, r.status) for r in records] == [(n, s) for _, _, n, s in pairs]
-    assert conn.counters["parser_errors"] == 0
-
-
-@PROPERTY
-@given(
-    st.lists(
-        st.tuples(
-            st.sampled_from(["in", "out"]), st.integers(-5, 100_000), st.binary(max_size=300)
-        ),
-        max_size=30,
-    ),
-    st.sampled_from(["client", "server", "unknown"]),
-    st.lists(st.sampled_from([b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", b"+OK\r\n", b"$-1\r\n",
-                              b"*99999999999\r\n", b"$99999999999\r\n", b"|1\r\n", b"$?\r\n",
-                              b">3\r\n$9\r\nsubscribe\r\n", b"*1\r\n$11\r\nUNSUBSCRIBE\r\n",
-                              b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$3\r\nOFF\r\n",
-                              b"*1\r\n$7\r\nMONITOR\r\n", b"PING\r\n", b";0\r\n", b".\r\n"]),
-             max_size=10),
-)  # fmt: skip
-def test_random_bytes_never_raise(events: list[Event], role: str, fragments: list[bytes]):
-    conn = RedisConnection(role)
-    for i, (direction, size, payload) in enumerate(events):
-        if fragments and i % 2:
-            payload = fragments[i % len(fragments)] + payload
-        for record in conn.feed(direction, i, size, payload):
-            assert isinstance(record, Request)
-            assert len(record.query) <= 128
-    conn.flush(len(events))
-    assert conn.counters["parser_errors"] == 0
+def _bounded(records: list[Request], conn: RedisConnection) -> None:
+    """What random bytes cannot grow: a record's query text, the bytes held between events."""
+    assert all(len(r.query) <= 128 for r in records)
     assert len(conn.pending) <= 4097
+
+
+# The properties every stream parser has (kit.py), over Redis exchanges; sometimes a push
+# comes before a reply.
+PUSH = b">2\r\n$10\r\ninvalidate\r\n*1\r\n$3\r\nkey\r\n"
+REDIS = kit.StreamProperties(run, exchanges(), PROPERTY, captures=st.integers(0, 5000), push=PUSH)
+test_valid_streams_split_anywhere_give_the_true_requests = REDIS.true_requests
+test_truncated_streams_never_raise_and_never_invent_requests = REDIS.none_invented
+# Error lines are heads too: their status is kept.
+test_truncated_payloads_keep_requests_and_statuses = REDIS.requests_kept_when_cut
+test_random_bytes_never_raise = PROPERTY(kit.random_bytes_never_raise(RedisConnection, [
+    b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", b"+OK\r\n", b"$-1\r\n", b"*99999999999\r\n",
+    b"$99999999999\r\n", b"|1\r\n", b"$?\r\n", b">3\r\n$9\r\nsubscribe\r\n",
+    b"*1\r\n$11\r\nUNSUBSCRIBE\r\n", b"*3\r\n$6\r\nCLIENT\r\n$5\r\nREPLY\r\n$3\r\nOFF\r\n",
+    b"*1\r\n$7\r\nMONITOR\r\n", b"PING\r\n", b";0\r\n", b".\r\n"], check=_bounded))
