@@ -4,7 +4,9 @@
  * Entry programs decide early and cheaply: filtered process? not a TCP/UDP socket? -> return.
  * Otherwise they stash the syscall arguments per thread; exit programs read the return value,
  * copy a bounded payload prefix and submit one event to the ring buffer without a wakeup
- * (the user side polls on a timer; a wakeup per event costs ~5 us here).
+ * (the user side polls on a timer; a wakeup per event costs ~5 us here). On Linux >= 6.16 the
+ * event is written straight into its ring-buffer record (one copy of the payload, user memory
+ * -> ring); older kernels build it in per-CPU scratch and copy it in (see struct l7_out).
  *
  * UDP has no connections: each (socket, peer address) pair is a flow with an identity of its
  * own, and only datagrams that start with a DNS header are sent (DNS is the one UDP protocol
@@ -179,7 +181,7 @@ struct {
 	__type(value, __u32);
 } tls_enabled SEC(".maps");
 
-/* Events are too big for the 512-byte stack: build them here. */
+/* Events are too big for the 512-byte stack: build them here (unless written in place). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -379,19 +381,22 @@ static __always_inline void conn_new(struct l7_conn *conn, struct sock *sk, enum
 		count(L7_CNT_CONN_TABLE_FULL);
 }
 
-/* Fill the header of the per-CPU scratch event; payload is added by the caller. */
 /* The process's name, not the calling thread's (bpf_get_current_comm): runtimes name their
  * I/O threads ("rdk:broker1", "isc-net-0000"), and a workload is the process. */
 static __always_inline void process_comm(char *dst)
 {
 #ifndef L7_COMPAT
+	/* Two direct BTF loads, no helper call. dst is 8-byte aligned (l7_event.comm). */
 	struct task_struct *leader = bpf_get_current_task_btf()->group_leader;
+
+	((__u64 *)dst)[0] = *(const __u64 *)&leader->comm[0];
+	((__u64 *)dst)[1] = *(const __u64 *)&leader->comm[8];
 #else
 	struct task_struct *leader = BPF_CORE_READ((struct task_struct *)bpf_get_current_task(),
 						   group_leader);
-#endif
 
 	bpf_probe_read_kernel(dst, L7_COMM_LEN, leader->comm);
+#endif
 }
 
 /* The TCP connection's health as of this event: each request knows the RTT and the
@@ -411,16 +416,67 @@ static __always_inline void tcp_health(struct l7_event *ev, __u64 sk)
 #endif
 }
 
-static __always_inline struct l7_event *event_start(enum l7_kind kind, const struct l7_conn *conn,
+/* --- Building an event ------------------------------------------------------------------
+ *
+ * event_start -> fill the header, copy_message -> event_submit (or event_drop). Where the
+ * event is built depends on the kernel, decided at load time:
+ *   direct   (fast build, Linux >= 6.16: bpf_probe_read_user_dynptr) the ring-buffer record
+ *            is reserved first, header + the payload size asked for, and the payload is read
+ *            from user memory straight into it: one copy, no scratch, no bpf_ringbuf_output.
+ *   scratch  (compat build, or a fast build on 6.4..6.15) the event is built in per-CPU
+ *            scratch and bpf_ringbuf_output copies header + payload into the ring.
+ * A weak kfunc that the kernel lacks resolves to NULL: the check is a constant at load time
+ * and the verifier never sees the other path. */
+#define L7_HEAD_LEN offsetof(struct l7_event, payload)
+
+extern int bpf_probe_read_user_dynptr(struct bpf_dynptr *dptr, __u32 off, __u32 size,
+				      const void *unsafe_ptr__ign) __ksym __weak;
+#ifndef L7_COMPAT
+#ifndef bpf_ksym_exists		/* libbpf >= 1.2 defines it */
+#define bpf_ksym_exists(sym) ({							\
+	_Static_assert(!__builtin_constant_p(!!sym), #sym " must be declared __weak");	\
+	!!sym;									\
+})
+#endif
+#define direct_records() bpf_ksym_exists(bpf_probe_read_user_dynptr)
+#else
+#define direct_records() false
+#endif
+
+struct l7_out {
+	struct bpf_dynptr rec;	/* direct: the reserved record */
+	struct l7_event *ev;	/* the header: in the record (direct) or in scratch */
+};
+
+/* Start an event with room for cap (capture_len) payload bytes and fill its header; NULL if
+ * there is none (ring buffer full: counted). */
+static __always_inline struct l7_event *event_start(struct l7_out *out, __u64 cap,
+						     enum l7_kind kind, const struct l7_conn *conn,
 						     int fd, __s64 size, __u64 pid_tgid, __u64 ts_ns)
 {
-	__u32 zero = 0;
-	struct l7_scratch *s = bpf_map_lookup_elem(&scratch, &zero);
 	struct l7_event *ev;
 
-	if (!s)
-		return NULL;
-	ev = &s->ev;
+	if (direct_records()) {
+		if (bpf_ringbuf_reserve_dynptr(&events, L7_HEAD_LEN + cap, 0, &out->rec)) {
+			bpf_ringbuf_discard_dynptr(&out->rec, BPF_RB_NO_WAKEUP); /* required */
+			count(L7_CNT_RINGBUF_DROPS);
+			return NULL;
+		}
+		/* The header is written in place (bpf_dynptr_slice_rdwr is for packets only). */
+		ev = bpf_dynptr_data(&out->rec, 0, L7_HEAD_LEN);
+		if (!ev) {	/* cannot happen: the record is contiguous and big enough */
+			bpf_ringbuf_discard_dynptr(&out->rec, BPF_RB_NO_WAKEUP);
+			return NULL;
+		}
+	} else {
+		__u32 zero = 0;
+		struct l7_scratch *s = bpf_map_lookup_elem(&scratch, &zero);
+
+		if (!s)
+			return NULL;
+		ev = &s->ev;
+	}
+	out->ev = ev;
 	ev->kind = kind;
 	ev->role = conn->role;
 	ev->family = conn->family;
@@ -443,36 +499,66 @@ static __always_inline struct l7_event *event_start(enum l7_kind kind, const str
 }
 
 /* Submit header + cap_len bytes of payload; no wakeup, the reader polls on a timer. */
-static __always_inline void event_submit(struct l7_event *ev, __u64 cap_len)
+static __always_inline void event_submit(struct l7_out *out, __u64 cap_len)
 {
+	struct l7_event *ev = out->ev;
+
+	if (direct_records()) {
+		/* No clamp: cap_len <= the size reserved. A record keeps that size; bytes past
+		 * cap_len (a short copy) are not payload, the reader goes by cap_len. */
+		ev->cap_len = cap_len;
+		bpf_ringbuf_submit_dynptr(&out->rec, BPF_RB_NO_WAKEUP);
+		count(L7_CNT_EVENTS);
+		return;
+	}
 	if (cap_len > L7_CAPTURE_MAX)
 		cap_len = L7_CAPTURE_MAX;
 	ev->cap_len = cap_len;
-	if (bpf_ringbuf_output(&events, ev, offsetof(struct l7_event, payload) + cap_len,
-			       BPF_RB_NO_WAKEUP))
+	if (bpf_ringbuf_output(&events, ev, L7_HEAD_LEN + cap_len, BPF_RB_NO_WAKEUP))
 		count(L7_CNT_RINGBUF_DROPS);
 	else
 		count(L7_CNT_EVENTS);
 }
 
-/* Copy len user bytes to payload[off..]; returns bytes copied (0 on fault). Lengths are u64
- * and clamped explicitly: clang 14 otherwise loses the bound ("R2 min value is negative"). */
-static __always_inline __u64 copy_payload(struct l7_event *ev, __u64 off, __u64 src, __u64 len)
+/* Not worth sending after all (the caller counts why). */
+static __always_inline void event_drop(struct l7_out *out)
 {
-	if (off >= L7_CAPTURE_MAX)
-		return 0;
-	if (len > L7_CAPTURE_MAX)
-		len = L7_CAPTURE_MAX;
-	if (bpf_probe_read_user(ev->payload + off, len, (const void *)src)) {
-		count(L7_CNT_PAYLOAD_READ_FAILED);
-		return 0;
-	}
-	return len;
+	if (direct_records())
+		bpf_ringbuf_discard_dynptr(&out->rec, BPF_RB_NO_WAKEUP);
 }
 
-/* Walk up to L7_MAX_IOVECS iovecs until want bytes are copied. */
-static __always_inline __u64 copy_iovecs(struct l7_event *ev, __u64 iovp, __u32 iovcnt,
-					 __u64 want)
+/* Payload bytes to capture of a send/receive that moved `sent` bytes. */
+static __always_inline __u64 capture_len(__u64 sent)
+{
+	__u64 cap = capture_bytes;
+
+	if (cap > L7_CAPTURE_MAX)
+		cap = L7_CAPTURE_MAX;
+	if (sent <= cap)
+		return sent;
+	count(L7_CNT_TRUNCATED);
+	return cap;
+}
+
+/* Copy len user bytes to payload[off..]; false on a fault (the caller counts it, once per
+ * message: a map update inside the iovec loop multiplied the verifier's states by four).
+ * Direct: the kfunc checks the bounds against the record at run time, and comparisons the
+ * verifier could decide would only make it track exact lengths. Scratch: u64 lengths bounded
+ * explicitly (off < want <= capture_bytes, so never false here), or clang 14 loses the bound
+ * ("R2 min value is negative"). */
+static __always_inline bool copy_payload(struct l7_out *out, __u64 off, __u64 src, __u64 len)
+{
+	if (direct_records())	/* checked against the reservation at run time */
+		return !bpf_probe_read_user_dynptr(&out->rec, L7_HEAD_LEN + off, len,
+						   (const void *)src);
+	if (off >= L7_CAPTURE_MAX || len > L7_CAPTURE_MAX)
+		return false;
+	return !bpf_probe_read_user(out->ev->payload + off, len, (const void *)src);
+}
+
+/* Walk up to L7_MAX_IOVECS iovecs until want bytes are copied; *failed on a fault. */
+static __always_inline __u64 copy_iovecs(struct l7_out *out, __u64 iovp, __u32 iovcnt,
+					 __u64 want, bool *failed)
 {
 	struct iovec iov;
 	__u64 off = 0, n;
@@ -485,21 +571,53 @@ static __always_inline __u64 copy_iovecs(struct l7_event *ev, __u64 iovp, __u32 
 		n = iov.iov_len;
 		if (n > want - off)
 			n = want - off;
-		if (copy_payload(ev, off, (__u64)iov.iov_base, n) != n)
+		if (!copy_payload(out, off, (__u64)iov.iov_base, n)) {
+			*failed = true;
 			break;
+		}
 		off += n;
 	}
 	return off;
 }
 
+/* Copy want bytes (capture_len) of one send/receive's payload; returns bytes copied. */
+static __always_inline __u64 copy_message(struct l7_out *out, __u64 buf, __u32 iovcnt,
+					  __u64 want)
+{
+	bool failed = false;
+	__u64 got;
+
+	if (iovcnt == 0) {
+		failed = !copy_payload(out, 0, buf, want);
+		got = failed ? 0 : want;
+	} else {
+		got = copy_iovecs(out, buf, iovcnt, want, &failed);
+	}
+	if (failed)
+		count(L7_CNT_PAYLOAD_READ_FAILED);
+	return got;
+}
+
+/* The first n payload bytes (n constant), for the protocol checks below; the caller has
+ * checked that at least n were copied. NULL if they cannot be read. */
+static __always_inline const __u8 *payload_head(struct l7_out *out, __u32 n)
+{
+	if (direct_records())
+		return bpf_dynptr_data(&out->rec, L7_HEAD_LEN, n);
+	return out->ev->payload;
+}
+
 /* A TLS record header where a connection's data starts: a ClientHello/ServerHello, or
  * application data on a connection that was open before the probe started. */
-static __always_inline bool looks_like_tls(const struct l7_event *ev, __u64 got, __u8 role)
+static __always_inline bool looks_like_tls(struct l7_out *out, __u64 got, __u8 role)
 {
-	const __u8 *p = ev->payload;
+	const __u8 *p;
 	__u16 len;
 
-	if (got < 6 || p[1] != 3 || p[2] > 4)
+	if (got < 6)
+		return false;
+	p = payload_head(out, 6);
+	if (!p || p[1] != 3 || p[2] > 4)
 		return false;
 	len = (__u16)p[3] << 8 | p[4];
 	if (len == 0 || len > 18432)
@@ -562,28 +680,16 @@ static __always_inline int on_msg_enter(enum l7_kind kind, int fd, __u64 msgp)
 			     (__u64)msg.msg_name, 0);
 }
 
-/* Copy the payload of one send/receive into ev; returns bytes copied. */
-static __always_inline __u64 copy_message(struct l7_event *ev, __u64 buf, __u32 iovcnt,
-					  __u64 sent)
-{
-	__u64 cap = capture_bytes, want;
-
-	if (cap > L7_CAPTURE_MAX)
-		cap = L7_CAPTURE_MAX;
-	want = sent < cap ? sent : cap;
-	if (sent > want)
-		count(L7_CNT_TRUNCATED);
-	if (iovcnt == 0)
-		return copy_payload(ev, 0, buf, want);
-	return copy_iovecs(ev, buf, iovcnt, want);
-}
-
 /* The DNS header's fixed bits: opcode QUERY, exactly one question. Anything else on UDP is
  * not worth a ring-buffer slot (the user side has no other UDP parser). */
-static __always_inline bool looks_like_dns(const struct l7_event *ev, __u64 got)
+static __always_inline bool looks_like_dns(struct l7_out *out, __u64 got)
 {
-	return got >= 12 && (ev->payload[2] & 0x78) == 0 && ev->payload[4] == 0 &&
-	       ev->payload[5] == 1;
+	const __u8 *p;
+
+	if (got < 12)
+		return false;
+	p = payload_head(out, 12);
+	return p && (p[2] & 0x78) == 0 && p[4] == 0 && p[5] == 1;
 }
 
 /* The peer of one datagram: the address the syscall names, else the connected peer. */
@@ -655,14 +761,16 @@ static __always_inline void udp_datagram(const struct l7_args *args, __u64 id, _
 					 __u64 buf, __u32 iovcnt, __u64 name, __u64 ts)
 {
 	struct l7_conn conn = {};
+	struct l7_out out;
 	struct l7_event *ev;
-	__u64 got;
+	__u64 want = capture_len(size), got;
 
-	ev = event_start(args->kind, &conn, args->fd, size, id, ts);
+	ev = event_start(&out, want, args->kind, &conn, args->fd, size, id, ts);
 	if (!ev)
 		return;
-	got = copy_message(ev, buf, iovcnt, (__u64)size);
-	if (!looks_like_dns(ev, got)) {
+	got = copy_message(&out, buf, iovcnt, want);
+	if (!looks_like_dns(&out, got)) {
+		event_drop(&out);
 		count(L7_CNT_SKIPPED_UDP_NOT_DNS);
 		return;
 	}
@@ -675,7 +783,7 @@ static __always_inline void udp_datagram(const struct l7_args *args, __u64 id, _
 	ev->conn_id = conn.conn_id;
 	__builtin_memcpy(ev->laddr, conn.laddr, L7_ADDR_LEN);
 	__builtin_memcpy(ev->raddr, conn.raddr, L7_ADDR_LEN);
-	event_submit(ev, got);
+	event_submit(&out, got);
 }
 
 /* sendmmsg/recvmmsg returned ret datagrams: report up to L7_MAX_MMSG of them. */
@@ -700,8 +808,9 @@ static __always_inline int on_data_exit(long ret)
 	__u64 id = bpf_get_current_pid_tgid();
 	struct l7_conn fresh = {}, *conn;
 	struct l7_args args;
+	struct l7_out out;
 	struct l7_event *ev;
-	__u64 got, sent, ts;
+	__u64 got, want, ts;
 	bool dead;
 
 	if (!unstash(id, &args))
@@ -737,21 +846,22 @@ static __always_inline int on_data_exit(long ret)
 		count(L7_CNT_TLS_CIPHERTEXT);
 		return 0;
 	}
-	ev = event_start(args.kind, conn, args.fd, ret, id, ts);
+	want = capture_len(dead ? (args.iovcnt ? L7_CAPTURE_MAX : args.len) : (__u64)ret);
+	ev = event_start(&out, want, args.kind, conn, args.fd, ret, id, ts);
 	if (!ev)
 		return 0;
 	tcp_health(ev, args.sk);
-	sent = dead ? (args.iovcnt ? L7_CAPTURE_MAX : args.len) : (__u64)ret;
-	got = copy_message(ev, args.buf, args.iovcnt, sent);
+	got = copy_message(&out, args.buf, args.iovcnt, want);
 	if (!conn->seen) {
 		conn->seen = 1;
-		if (looks_like_tls(ev, got, conn->role)) {
+		if (looks_like_tls(&out, got, conn->role)) {
+			event_drop(&out);
 			conn->tls = 1;	/* the handshake, and everything after it, is ciphertext */
 			count(L7_CNT_TLS_CIPHERTEXT);
 			return 0;
 		}
 	}
-	event_submit(ev, got);
+	event_submit(&out, got);
 	return 0;
 }
 
@@ -782,8 +892,9 @@ static __always_inline int tls_exit(long ret, bool ex)
 	__u64 id = bpf_get_current_pid_tgid();
 	struct l7_conn fresh = {}, *conn;
 	struct l7_tls_call call, *found;
+	struct l7_out out;
 	struct l7_event *ev;
-	__u64 moved = 0, got;
+	__u64 moved = 0, want, got;
 
 	found = bpf_map_lookup_elem(&tls_calls, &id);
 	if (!found)
@@ -812,14 +923,15 @@ static __always_inline int tls_exit(long ret, bool ex)
 	} else {
 		conn_new(&fresh, (struct sock *)call.sk, L7_ROLE_UNKNOWN);
 	}
-	ev = event_start(call.kind, &fresh, -1, moved, id,
+	want = capture_len(moved);
+	ev = event_start(&out, want, call.kind, &fresh, -1, moved, id,
 			 call.kind == L7_DATA_OUT ? call.enter_ns : bpf_ktime_get_ns());
 	if (!ev)
 		return 0;
 	ev->flags = L7_FLAG_TLS;
 	tcp_health(ev, call.sk);
-	got = copy_message(ev, call.buf, 0, moved);
-	event_submit(ev, got);
+	got = copy_message(&out, call.buf, 0, want);
+	event_submit(&out, got);
 	return 0;
 }
 
@@ -854,15 +966,16 @@ static __always_inline int on_connect_exit(long ret)
 	__u64 id = bpf_get_current_pid_tgid();
 	struct l7_conn conn = {};
 	struct l7_args args;
+	struct l7_out out;
 	struct l7_event *ev;
 
 	/* Non-blocking connect returns -EINPROGRESS with addresses already set on the sock. */
 	if (!unstash(id, &args) || args.kind != L7_CONNECT || (ret != 0 && ret != -EINPROGRESS))
 		return 0;
 	conn_new(&conn, (struct sock *)args.sk, L7_ROLE_CLIENT);
-	ev = event_start(L7_CONNECT, &conn, args.fd, ret, id, bpf_ktime_get_ns());
+	ev = event_start(&out, 0, L7_CONNECT, &conn, args.fd, ret, id, bpf_ktime_get_ns());
 	if (ev)
-		event_submit(ev, 0);
+		event_submit(&out, 0);
 	return 0;
 }
 
@@ -881,6 +994,7 @@ static __always_inline int on_accept_exit(long ret)
 	__u64 id = bpf_get_current_pid_tgid();
 	struct l7_conn conn = {};
 	struct l7_args args;
+	struct l7_out out;
 	struct l7_event *ev;
 	struct sock *sk;
 
@@ -890,10 +1004,10 @@ static __always_inline int on_accept_exit(long ret)
 	if (!sk)
 		return 0;
 	conn_new(&conn, sk, L7_ROLE_SERVER);
-	ev = event_start(L7_ACCEPT, &conn, ret, ret, id, bpf_ktime_get_ns());
+	ev = event_start(&out, 0, L7_ACCEPT, &conn, ret, ret, id, bpf_ktime_get_ns());
 	if (ev) {
 		tcp_health(ev, (__u64)sk);	/* the handshake gave the first RTT sample */
-		event_submit(ev, 0);
+		event_submit(&out, 0);
 	}
 	return 0;
 }
@@ -925,6 +1039,7 @@ static __always_inline int on_close_enter(int fd)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct l7_conn *conn;
+	struct l7_out out;
 	struct l7_event *ev;
 	struct sock *sk;
 	__u64 key;
@@ -945,9 +1060,9 @@ static __always_inline int on_close_enter(int fd)
 			return 0;
 		conn = bpf_map_lookup_elem(&udp_flows, flow);
 		if (conn) {
-			ev = event_start(L7_CLOSE, conn, fd, 0, id, bpf_ktime_get_ns());
+			ev = event_start(&out, 0, L7_CLOSE, conn, fd, 0, id, bpf_ktime_get_ns());
 			if (ev)
-				event_submit(ev, 0);
+				event_submit(&out, 0);
 			bpf_map_delete_elem(&udp_flows, flow);
 		}
 		bpf_map_delete_elem(&udp_last_flow, &key);
@@ -958,10 +1073,10 @@ static __always_inline int on_close_enter(int fd)
 		return 0;	/* never saw data on it: nothing to close downstream */
 	if (file_shared(fd))
 		return 0;	/* a forked child (prefork servers) still serves it */
-	ev = event_start(L7_CLOSE, conn, fd, 0, id, bpf_ktime_get_ns());
+	ev = event_start(&out, 0, L7_CLOSE, conn, fd, 0, id, bpf_ktime_get_ns());
 	if (ev) {
 		tcp_health(ev, key);	/* the batch's last word on the connection's health */
-		event_submit(ev, 0);
+		event_submit(&out, 0);
 	}
 	bpf_map_delete_elem(&conns, &key);
 	return 0;

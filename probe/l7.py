@@ -35,6 +35,7 @@ from .libbpf import (
     ProbeError,
     ProbeLoadError,
     RingReader,
+    kernel_has_kfunc,
     num_possible_cpus,
 )
 from .tls import TlsProbes
@@ -67,6 +68,9 @@ __all__ = [
 CAPTURE_MAX = 8192  # L7_CAPTURE_MAX in l7.h (tested)
 # The same programs built twice (bpf/Makefile), tried in this order.
 BUILDS = ("l7.bpf.o", "l7_compat.bpf.o")
+# With this kfunc (Linux >= 6.16) the fast build writes each event straight into its ring-buffer
+# record; without it, and in the compat build, events are built in per-CPU scratch and copied.
+DIRECT_RECORDS_KFUNC = "bpf_probe_read_user_dynptr"
 POLL_INTERVAL_S = 0.005  # events come without wakeup: how often poll() looks again
 TRACEFS = Path("/sys/kernel/tracing")
 
@@ -159,12 +163,14 @@ _STRUCT_CODES: dict[Any, str] = {ctypes.c_uint8: "B", ctypes.c_uint16: "H", ctyp
 
 
 def struct_format(cls: type[ctypes.Structure], *, skip: frozenset[str] = frozenset(),
-                  join: tuple[str, ...] = ()) -> str:
+                  join: tuple[str, ...] = (), nested: dict[str, str] | None = None) -> str:
     """A little-endian struct format with the same offsets as a ctypes Structure.
 
     Fields in ``skip`` become pad bytes; the adjacent byte-array fields in ``join`` become
-    one ``s`` field (one bytes object and one cache lookup per event instead of three).
+    one ``s`` field (one bytes object and one cache lookup per event instead of three);
+    structure fields in ``nested`` are decoded with the format given (without its ``<``).
     """
+    nested = nested or {}
     fields: list[tuple[str, Any]] = [(f[0], f[1]) for f in cls._fields_]
     names = [name for name, _ in fields]
     if join:
@@ -185,6 +191,10 @@ def struct_format(cls: type[ctypes.Structure], *, skip: frozenset[str] = frozens
             fmt += f"{end - start}s"
         elif name in skip:
             fmt += f"{size}x"
+        elif name in nested:
+            if struct.calcsize("<" + nested[name]) != size:
+                raise ValueError(f"{cls.__name__}.{name}: format is not {size} bytes")
+            fmt += nested[name]
         else:
             fmt += _STRUCT_CODES.get(ctype) or f"{size}s"  # byte arrays
         pos = off + size
@@ -197,9 +207,35 @@ HEADER = struct.Struct(struct_format(L7EventHeader))
 _RECORD = struct.Struct("<I" + struct_format(
     L7EventHeader, skip=frozenset({"fd"}), join=("laddr", "raddr", "comm")
 )[1:])
-# srtt_us and retrans of a record, read from the group's latest record ([u32 len] prefix).
-_HEALTH = struct.Struct("<II")
-_HEALTH_AT = 4 + L7EventHeader.srtt_us.offset
+
+GROUPS_MAX = 8192  # struct ks_group per ks_ring_group call (it stops early when they run out)
+GROUP_DATA_BYTES = 4 << 20  # encoded events per ks_ring_group call
+
+
+class KsGroup(ctypes.Structure):
+    """struct ks_group (bpf/drain.c, layout tested): one connection's run of encoded events,
+    with copies of the headers of its first record (identity) and latest record (health)."""
+
+    _fields_ = [
+        ("conn_id", ctypes.c_uint64),
+        ("nevents", ctypes.c_uint32),
+        ("data_off", ctypes.c_uint32),
+        ("data_len", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("first", L7EventHeader),
+        ("last", L7EventHeader),
+    ]
+
+
+_HEADER_FIELDS = frozenset(f[0] for f in L7EventHeader._fields_)
+_NAMES = ("laddr", "raddr", "comm")
+# One unpack per group: its run, the identity from its first record (as _RECORD decodes it),
+# srtt_us and retrans from its latest.
+_GROUP = struct.Struct(struct_format(KsGroup, nested={
+    "first": struct_format(L7EventHeader, join=_NAMES, skip=_HEADER_FIELDS - {
+        "role", "family", "transport", "lport", "rport", "tgid", *_NAMES})[1:],
+    "last": struct_format(L7EventHeader, skip=_HEADER_FIELDS - {"srtt_us", "retrans"})[1:],
+}))
 _NAMES_CACHE_MAX = 8192  # distinct (laddr, raddr, comm) combinations kept decoded
 
 
@@ -328,35 +364,66 @@ def _names(cache: dict[bytes, tuple[str, str, str]], family: int,
     return decoded
 
 
-def group_runs(view: memoryview, groups: Any, ngroups: int, data: memoryview,
+def group_runs(groups: memoryview, ngroups: int, data: memoryview,
                open_batches: dict[int, ConnectionBatch], sealed: list[ConnectionBatch],
                names: dict[bytes, tuple[str, str, str]], max_events: int,
                max_bytes: int) -> int:
-    """Append the per-connection runs that ks_group (bpf/drain.c) encoded; per connection,
-    not per event, work. Returns the number of events."""
-    unpack = _RECORD.unpack_from
+    """Append the per-connection runs that ks_ring_group (bpf/drain.c) encoded into
+    ``groups`` (struct ks_group, as bytes) and ``data``; per connection, not per event, work.
+    Returns the number of events.
+
+    Each run is copied out of ``data`` (reused by the next call). Handing out views of a fresh
+    bytes object per call instead was tried: the big short-lived allocations were returned to
+    the kernel and faulted in again (20x the page faults), which cost more than the copy."""
+    unpack, size = _GROUP.unpack_from, _GROUP.size
     count = 0
-    for i in range(ngroups):
-        g = groups[i]
-        conn_id, nevents, start, length = g.conn_id, g.nevents, g.data_off, g.data_len
+    for off in range(0, ngroups * size, size):
+        (conn_id, nevents, start, length, flags, role, family, transport, lport, rport, tgid,
+         raw, srtt_us, retrans) = unpack(groups, off)
         count += nevents
         batch = open_batches.get(conn_id)
         if (batch is None or batch.n + nevents > max_events
                 or batch.nbytes + length > max_bytes):
             if batch is not None:
                 sealed.append(batch)
-            (_len, _kind, role, family, transport, lport, rport, tgid, _cid, _ts, _size, _cap,
-             _flags, _srtt, _retrans, raw) = unpack(view, g.first)
             batch = open_batches[conn_id] = ConnectionBatch(
                 conn_id, connection_meta(conn_id, role, family, transport, lport, rport, tgid,
-                               _names(names, family, bytes(raw))))
-        if g.flags & L7_FLAG_TLS:
+                                         _names(names, family, raw)))
+        if flags & L7_FLAG_TLS:
             batch.meta["tls"] = True
-        srtt_us, retrans = _HEALTH.unpack_from(view, g.last + _HEALTH_AT)
         if srtt_us:
             batch.meta["srtt_us"], batch.meta["retrans"] = srtt_us, retrans
         batch.add_encoded(bytes(data[start:start + length]), nevents)
     return count
+
+
+class GroupedDrain:
+    """The hot path with libksdrain.so: ks_ring_group's output buffers, and the loop that
+    empties the ring through them into per-connection batches. Each call encodes at most
+    ``groups_max`` runs and ``data_bytes`` of events; what does not fit waits in the ring
+    for the next call of the same loop."""
+
+    def __init__(self, reader: RingReader, *, groups_max: int = GROUPS_MAX,
+                 data_bytes: int = GROUP_DATA_BYTES) -> None:
+        self._reader = reader
+        self._groups = (KsGroup * groups_max)()
+        self._groups_view = memoryview(self._groups).cast("B")
+        self._data = ctypes.create_string_buffer(data_bytes)
+        self._data_view = memoryview(self._data).cast("B")
+
+    def drain_into(self, open_batches: dict[int, ConnectionBatch],
+                   sealed: list[ConnectionBatch], names: dict[bytes, tuple[str, str, str]], *,
+                   offset_ns: int, max_events: int, max_bytes: int) -> int:
+        """Everything committed now, into the batches; returns the number of events."""
+        total = 0
+        while True:
+            ngroups, events = self._reader.group_into(
+                self._groups, len(self._groups), self._data, len(self._data),
+                offset_ns=offset_ns, max_events=max_events, max_bytes=max_bytes)
+            if not events:
+                return total
+            total += group_runs(self._groups_view, ngroups, self._data_view, open_batches,
+                                sealed, names, max_events, max_bytes)
 
 
 def _default_bpf_dir() -> Path:
@@ -407,11 +474,13 @@ class L7Probe:
         self.filter_all = filter_all
         self.tls = tls
         self.build = build  # which object file; None: the fastest this kernel loads
+        self.events_in_place = False  # see DIRECT_RECORDS_KFUNC; known after start()
         self._tls: TlsProbes | None = None
         self.bpf_dir = Path(bpf_dir) if bpf_dir is not None else _default_bpf_dir()
         self._excluded = {os.getpid(), *exclude_tgids}
         self._obj: BpfObject | None = None
         self._reader: RingReader | None = None
+        self._grouped: GroupedDrain | None = None  # drain_into's buffers, on its first call
         self._ncpu = num_possible_cpus()
         self._out: list[RawEvent] = []
         self._names: dict[bytes, tuple[str, str, str]] = {}
@@ -437,9 +506,13 @@ class L7Probe:
             self._obj = None
             obj.close()
             raise
-        log.info("l7 probe attached %d hooks (%s) from %s; capture %d bytes, ring %d MiB, "
-                 "drain %s, TLS libraries %s%s",
+        self.events_in_place = self.build != "l7_compat.bpf.o" and kernel_has_kfunc(
+            DIRECT_RECORDS_KFUNC)
+        log.info("l7 probe attached %d hooks (%s) from %s; events built %s; capture %d bytes, "
+                 "ring %d MiB, drain %s, TLS libraries %s%s",
                  len(hooks), ", ".join(h.rsplit("/", 1)[-1] for h in hooks), self.build,
+                 f"in place ({DIRECT_RECORDS_KFUNC})" if self.events_in_place
+                 else "in per-CPU scratch",
                  self.capture_bytes, self.ringbuf_bytes >> 20, self._reader.mode,
                  ", ".join(self.tls_libraries) or "none yet",
                  ", filtering everything" if self.filter_all else "")
@@ -487,6 +560,7 @@ class L7Probe:
 
     def close(self) -> None:
         """Detach all programs and free maps; safe to call twice."""
+        self._grouped = None
         if self._reader is not None:
             self._reader.close()
             self._reader = None
@@ -519,25 +593,25 @@ class L7Probe:
 
     def drain_into(self, open_batches: dict[int, ConnectionBatch], sealed: list[ConnectionBatch],
                    *, offset_ns: int, max_events: int, max_bytes: int) -> int:
-        """Drain everything available now straight into per-connection batches (see
-        ``decode_grouped``); returns the number of events."""
+        """Drain everything available now straight into per-connection batches: grouped and
+        encoded in C from the ring (``GroupedDrain``), or without libksdrain.so in Python
+        (``decode_grouped``). Returns the number of events."""
         if self._reader is None:
             raise ProbeError("drain_into() before start()")
         if len(self._names) > _NAMES_CACHE_MAX:
             self._names.clear()
+        if self._reader.can_group:
+            if self._grouped is None:
+                self._grouped = GroupedDrain(self._reader)
+            return self._grouped.drain_into(open_batches, sealed, self._names,
+                                            offset_ns=offset_ns, max_events=max_events,
+                                            max_bytes=max_bytes)
         total = 0
 
-        reader = self._reader
-
-        def decode(view: memoryview, used: int) -> None:
+        def decode(view: memoryview, used: int) -> None:  # no libksdrain.so: group in Python
             nonlocal total
-            if reader.can_group:
-                groups, n, data = reader.group(used, offset_ns, max_events, max_bytes)
-                total += group_runs(view, groups, n, data, open_batches, sealed, self._names,
+            total += decode_grouped(view, used, offset_ns, open_batches, sealed, self._names,
                                     max_events, max_bytes)
-            else:
-                total += decode_grouped(view, used, offset_ns, open_batches, sealed,
-                                        self._names, max_events, max_bytes)
 
         self._reader.drain(decode)
         return total

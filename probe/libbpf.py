@@ -35,6 +35,7 @@ __all__ = [
     "ProbeLoadError",
     "ProbeMapError",
     "RingReader",
+    "kernel_has_kfunc",
     "num_possible_cpus",
 ]
 
@@ -110,12 +111,15 @@ _btf_find = _fn("btf__find_by_name_kind", ctypes.c_int, _c_void_p, ctypes.c_char
                 ctypes.c_uint32)
 _btf_type = _fn("btf__type_by_id", _c_void_p, _c_void_p, ctypes.c_uint32)
 _btf_name = _fn("btf__name_by_offset", ctypes.c_char_p, _c_void_p, ctypes.c_uint32)
+_btf_load_vmlinux = _fn("btf__load_vmlinux_btf", _c_void_p)
+_btf_free = _fn("btf__free", None, _c_void_p)
 
 _SAMPLE_CB = ctypes.CFUNCTYPE(ctypes.c_int, _c_void_p, _c_void_p, ctypes.c_size_t)
 _rb_new = _fn("ring_buffer__new", _c_void_p, ctypes.c_int, _SAMPLE_CB, _c_void_p, _c_void_p)
 _rb_consume = _fn("ring_buffer__consume", ctypes.c_int, _c_void_p)
 _rb_free = _fn("ring_buffer__free", None, _c_void_p)
 
+_BTF_KIND_FUNC = 12
 _BTF_KIND_DATASEC = 15
 _ENOTSUPP = 524  # the kernel's own "operation not supported" (not in errno)
 
@@ -172,6 +176,18 @@ def _check_ptr(ptr: int | None, what: str) -> int:
 
 def num_possible_cpus() -> int:
     return _check(_num_cpus(), "libbpf_num_possible_cpus")
+
+
+def kernel_has_kfunc(name: str) -> bool:
+    """Whether the running kernel's BTF has the kfunc ``name``: what a program's ``__weak``
+    declaration of it resolves against at load time (kfuncs of modules are not looked at)."""
+    btf = _btf_load_vmlinux()
+    if not btf:
+        return False
+    try:
+        return int(_btf_find(btf, name.encode(), _BTF_KIND_FUNC)) > 0
+    finally:
+        _btf_free(btf)
 
 
 class BpfObject:
@@ -393,21 +409,9 @@ class BpfObject:
             self._obj = None
 
 
-GROUPS_MAX = 65536  # connection runs per drained batch (a batch holds at most ~40k records)
-
-
-class KsGroup(ctypes.Structure):
-    """struct ks_group (bpf/drain.c): one connection's run of events in a drained batch."""
-
-    _fields_ = [("conn_id", ctypes.c_uint64), ("first", ctypes.c_uint32),
-                ("nevents", ctypes.c_uint32), ("data_off", ctypes.c_uint32),
-                ("data_len", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-                ("last", ctypes.c_uint32)]
-
-
 class _DrainLib:
-    """libksdrain.so (bpf/drain.c): copies every available record in one C call, and groups
-    them per connection as encoded msgpack events."""
+    """libksdrain.so (bpf/drain.c): copies every available record in one C call, or groups
+    the l7 probe's records per connection as encoded msgpack events straight from the ring."""
 
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path), use_errno=True)
@@ -421,11 +425,13 @@ class _DrainLib:
         self.drain.restype = ctypes.c_size_t
         self.drain.argtypes = [_c_void_p, _c_void_p, ctypes.c_size_t,
                                ctypes.POINTER(ctypes.c_uint64)]
-        self.group = lib.ks_group
+        self.group = lib.ks_ring_group
         self.group.restype = ctypes.c_long
-        self.group.argtypes = [_c_void_p, ctypes.c_size_t, ctypes.c_int64, ctypes.c_uint32,
-                               ctypes.c_uint32, ctypes.POINTER(KsGroup), ctypes.c_size_t,
-                               _c_void_p, ctypes.c_size_t]
+        self.group.argtypes = [_c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32,
+                               _c_void_p, ctypes.c_size_t, _c_void_p, ctypes.c_size_t,
+                               ctypes.POINTER(ctypes.c_uint64)]
+        # sizeof(struct ks_group), then its field offsets (tests/probe/test_layout.py).
+        self.group_layout = (ctypes.c_uint32 * 8).in_dll(lib, "ks_group_layout")
 
 
 class RingReader:
@@ -435,13 +441,16 @@ class RingReader:
     ``[u32 length][record]`` back to back, until the ring is empty. With libksdrain.so this is
     one C call per batch; without it, libbpf's ring_buffer__consume with a ctypes callback
     per record (about half the rate) fills the same layout.
+
+    ``group_into`` (libksdrain.so only, l7 records) groups and encodes records per connection
+    straight from the ring, without the intermediate copy ``drain`` makes.
     """
 
     def __init__(self, map_fd: int, size: int, drain_so: Path | None,
                  batch_bytes: int = 4 << 20) -> None:
-        self._buf = ctypes.create_string_buffer(batch_bytes)
-        self._view = memoryview(self._buf).cast("B")
-        self._groups: Any = None  # allocated on first group()
+        self._batch_bytes = batch_bytes
+        self._buf: Any = None  # drain()'s output, allocated on its first call
+        self._view = memoryview(b"")
         self._ring: int | None = None
         self._rb: int | None = None
         self._lib: _DrainLib | None = None
@@ -469,6 +478,9 @@ class RingReader:
         """Hand every available record to on_batch; returns the number of records."""
         total = 0
         if self._lib is not None:
+            if self._buf is None:
+                self._buf = ctypes.create_string_buffer(self._batch_bytes)
+                self._view = memoryview(self._buf).cast("B")
             nrec = ctypes.c_uint64()
             while True:
                 used = self._lib.drain(self._ring, self._buf, len(self._buf), ctypes.byref(nrec))
@@ -489,20 +501,21 @@ class RingReader:
     def can_group(self) -> bool:
         return self._lib is not None
 
-    def group(self, used: int, offset_ns: int, max_events: int, max_bytes: int
-              ) -> tuple[Any, int, memoryview]:
-        """Group the batch just handed to on_batch by connection (C). Returns (groups array,
-        count, encoded data)."""
+    def group_into(self, groups: Any, groups_cap: int, data: Any, data_cap: int, *,
+                   offset_ns: int, max_events: int, max_bytes: int) -> tuple[int, int]:
+        """One ks_ring_group call (bpf/drain.c): group and encode the committed records at the
+        head of the ring into ``groups`` (``groups_cap`` struct ks_group) and ``data``, then
+        hand their space back to the kernel. Returns (groups written, events encoded); 0 events
+        means the ring is empty (or its head is still being written)."""
         assert self._lib is not None
-        if self._groups is None:
-            self._groups = (KsGroup * GROUPS_MAX)()
-            self._data = ctypes.create_string_buffer(len(self._buf))
-            self._data_view = memoryview(self._data).cast("B")
-        n = self._lib.group(self._buf, used, offset_ns, max_events, max_bytes, self._groups,
-                            GROUPS_MAX, self._data, len(self._data))
+        nrec = ctypes.c_uint64()
+        n = self._lib.group(self._ring, offset_ns, max_events, max_bytes, groups, groups_cap,
+                            data, data_cap, ctypes.byref(nrec))
         if n < 0:
-            raise ProbeError("ks_group: output buffers too small")
-        return self._groups, int(n), self._data_view
+            err = ctypes.get_errno()
+            raise ProbeError(f"ks_ring_group: {os.strerror(err)}") from OSError(
+                err, os.strerror(err))
+        return int(n), nrec.value
 
     def close(self) -> None:
         if self._ring is not None and self._lib is not None:

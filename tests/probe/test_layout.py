@@ -111,3 +111,15 @@ def test_decoder_reads_what_the_kernel_layout_writes(family: int, laddr: str, ra
 
 def test_transport_numbers_are_ipproto() -> None:
     assert (l7.L7Transport.TCP, l7.L7Transport.UDP) == (socket.IPPROTO_TCP, socket.IPPROTO_UDP)
+
+
+def test_group_struct_matches_the_drain_library(bpf_dir: Path) -> None:
+    """struct ks_group (bpf/drain.c) against its ctypes mirror: size, then every offset."""
+    from kubesight.probe.libbpf import _DrainLib
+
+    layout = list(_DrainLib(bpf_dir / "libksdrain.so").group_layout)
+    fields = [name for name, _ in l7.KsGroup._fields_]
+    assert layout == [ctypes.sizeof(l7.KsGroup)] + [getattr(l7.KsGroup, f).offset for f in fields]
+    # The copied headers are the fixed part of struct l7_event, whose layout is tested above.
+    assert l7.KsGroup.first.size == l7.KsGroup.last.size == ctypes.sizeof(l7.L7EventHeader)
+    assert l7._GROUP.size == ctypes.sizeof(l7.KsGroup)
