@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -141,3 +142,25 @@ def poll_until(probe: L7Probe, done: Callable[[list[RawEvent]], bool],
         if done(events):
             return events
     return events
+
+
+def wrk_while_draining(url: str, wrk_args: list[str],
+                       step: Callable[[subprocess.Popen[str]], None]) -> tuple[str, int]:
+    """Run wrk against ``url`` while ``step(wrk)`` drains the probe, over and over, in a
+    thread (it must wait by itself, ~10 ms, as the probe's own loop does); returns wrk's output
+    and pid once wrk has finished and the thread has stopped."""
+    stop = threading.Event()
+    wrk = subprocess.Popen(["wrk", *wrk_args, url], stdout=subprocess.PIPE, text=True)
+
+    def loop() -> None:
+        while not stop.is_set():
+            step(wrk)
+
+    drainer = threading.Thread(target=loop)
+    drainer.start()
+    try:
+        out, _ = wrk.communicate(timeout=30)
+    finally:
+        stop.set()
+        drainer.join()
+    return out, wrk.pid

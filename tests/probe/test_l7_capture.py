@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 from collections import Counter
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from kubesight.probe.l7 import (
 )
 from kubesight.probe.libbpf import BpfObject, ProbeLoadError
 
-from .conftest import Nginx, poll_until
+from .conftest import Nginx, poll_until, wrk_while_draining
 
 pytestmark = pytest.mark.bpf
 
@@ -187,7 +186,6 @@ def test_excluded_processes_emit_nothing(bpf_root: Path, nginx: Nginx) -> None:
 
 
 def test_wrk_load_loses_no_request(bpf_root: Path, nginx: Nginx) -> None:
-    stop = threading.Event()
     counts: Counter[str] = Counter()
 
     def tally(batch: list[RawEvent], wrk_pid: int) -> None:
@@ -201,23 +199,12 @@ def test_wrk_load_loses_no_request(bpf_root: Path, nginx: Nginx) -> None:
 
     # 64 MiB of ring absorbs the drain thread being descheduled on a busy 2-CPU machine.
     with L7Probe(ringbuf_bytes=64 << 20, bpf_dir=bpf_root) as probe:
-        wrk = subprocess.Popen(["wrk", "-t2", "-c8", "-d2s", nginx.url()],
-                               stdout=subprocess.PIPE, text=True)
+        out, wrk_pid = wrk_while_draining(  # the probe's own loop: a 10 ms timer
+            nginx.url(), ["-t2", "-c8", "-d2s"], lambda wrk: tally(probe.poll(10), wrk.pid))
 
-        def drain() -> None:  # the probe's own loop: a 10 ms timer
-            while not stop.is_set():
-                tally(probe.poll(10), wrk.pid)
-
-        drainer = threading.Thread(target=drain)
-        drainer.start()
-        try:
-            out, _ = wrk.communicate(timeout=30)
-        finally:
-            stop.set()
-            drainer.join()
         # Requests still in flight at wrk's end: wait (bounded) until both sides agree.
         def settled(evs: list[RawEvent]) -> bool:
-            tally(evs, wrk.pid)
+            tally(evs, wrk_pid)
             evs.clear()
             return counts["wrk_sent"] == counts["nginx_read"]
 

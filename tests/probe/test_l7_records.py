@@ -27,7 +27,7 @@ from kubesight.probe.l7 import (
 )
 from kubesight.probe.libbpf import kernel_has_kfunc
 
-from .conftest import REPO, Nginx
+from .conftest import REPO, Nginx, wrk_while_draining
 
 pytestmark = pytest.mark.bpf
 
@@ -148,22 +148,14 @@ def test_wrk_through_a_small_ring_loses_no_request(bpf_root: Path, nginx: Nginx)
     One wrk thread on four connections leaves the drain thread some CPU on two cores: the
     ring holds ~300 ms of this traffic."""
     drained = Drained()
-    stop = threading.Event()
+    tick = threading.Event()  # never set: its wait() is the drain loop's 10 ms timer
+
+    def drain(_wrk: subprocess.Popen[str]) -> None:
+        tick.wait(0.01)
+        drained.drain(probe)
+
     with L7Probe(ringbuf_bytes=8 << 20, bpf_dir=bpf_root) as probe:
-        wrk = subprocess.Popen(["wrk", "-t1", "-c4", "-d3s", nginx.url()],
-                               stdout=subprocess.PIPE, text=True)
-
-        def loop() -> None:
-            while not stop.wait(0.01):
-                drained.drain(probe)
-
-        drainer = threading.Thread(target=loop)
-        drainer.start()
-        try:
-            out, _ = wrk.communicate(timeout=30)
-        finally:
-            stop.set()
-            drainer.join()
+        out, wrk_pid = wrk_while_draining(nginx.url(), ["-t1", "-c4", "-d3s"], drain)
 
         def requests(tgids: set[int], kind: int) -> int:
             return sum(1 for _, evs in drained.events(tgids) for ev in evs
@@ -171,13 +163,13 @@ def test_wrk_through_a_small_ring_loses_no_request(bpf_root: Path, nginx: Nginx)
 
         for _ in range(100):  # requests still in flight at wrk's end: until both sides agree
             drained.drain(probe)
-            if requests({wrk.pid}, L7_DATA_OUT) == requests(nginx.workers, L7_DATA_IN):
+            if requests({wrk_pid}, L7_DATA_OUT) == requests(nginx.workers, L7_DATA_IN):
                 break
-            stop.wait(0.05)
+            tick.wait(0.05)
         counters = probe.counters()
         drained.drain(probe)
     completed = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    sent = requests({wrk.pid}, L7_DATA_OUT)
+    sent = requests({wrk_pid}, L7_DATA_OUT)
     assert counters["ringbuf_drops"] == 0
     assert completed * 4 * (8 + 104) > 8 << 20  # more went through than the ring holds
     assert sent == requests(nginx.workers, L7_DATA_IN)
