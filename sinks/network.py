@@ -24,8 +24,10 @@ __all__ = ["EDGE_LABELS", "WORKLOAD_LABELS", "NetworkView"]
 
 log = logging.getLogger(__name__)
 
-EDGE_LABELS = ("node", "side", "src_namespace", "src_workload", "dst_namespace", "dst_workload",
-               "dst_port")
+EDGE_LABELS = ("node", "side", "src_namespace", "src_workload", "src_pod", "dst_namespace",
+               "dst_workload", "dst_pod", "dst_service", "dst_port")
+# Edge labels added after network.v1's first release: records written before lack them.
+_OPTIONAL_EDGE_LABELS = frozenset({"src_pod", "dst_pod", "dst_service"})
 WORKLOAD_LABELS = ("node", "side", "namespace", "workload")
 POD_LABELS = ("node", "side", "namespace", "workload", "pod")
 COUNTS = ("opened", "closed", "failed_refused", "failed_timeout", "failed_unreachable",
@@ -95,7 +97,8 @@ class NetworkView:
         if names is None:
             raise ValueError(f"unknown network record kind {kind!r}")
         labels: dict[str, Any] = record["labels"]
-        if set(labels) != set(names):
+        optional = _OPTIONAL_EDGE_LABELS if kind == "edge" else frozenset()
+        if set(labels) | optional != set(names):
             raise ValueError(f"{kind} labels must be exactly {names}, got {sorted(labels)}")
         for name in COUNTS:
             value = record["counts"][name]
@@ -103,7 +106,7 @@ class NetworkView:
                 raise TypeError(f"counts.{name} must be an integer, got {value!r}")
         sketch = LatencySketch.from_wire(record["rtt"])
         table = {"edge": self._edges, "workload": self._workloads, "pod": self._pods}[kind]
-        key = tuple(str(labels[n]) for n in names)
+        key = tuple(str(labels.get(n, "")) for n in names)
         series = table.get(key)
         if series is None:
             series = table[key] = _Series()

@@ -13,9 +13,11 @@ Views (``level``), each a projection of the same leaves, computed when asked:
     namespace   a namespace (a bare-host process or an address stays itself)
     workload    namespace/workload (the default)
     service     the called service (``dst_service``) where series carry it, else workload
-    pod         namespace/pod where series carry ``src_pod``/``dst_pod``, else workload;
-                TCP signals are per workload pair (network.v1 has no pods), so at this level
-                they sit on ``tcp`` edges between workloads
+    pod         namespace/pod where series carry ``src_pod``/``dst_pod``, else workload
+
+Golden series and TCP edges carry the same names (pods, the called service), so each view's
+request edges and TCP signals land on the same edges; a call through a cluster IP whose
+backend the TCP side cannot name (no pod in network.v1 for it) stays a workload there.
     node        the host a workload was seen on (network.v1 workload windows), else address
 
 State: per leaf series (golden labels without endpoint and status; network edge labels), one
@@ -59,8 +61,9 @@ SIDES = ("client", "server")
 
 # (side, protocol, src ns, src workload, src pod, dst ns, dst workload, dst pod, dst service)
 GoldenLeaf = tuple[str, str, str, str, str, str, str, str, str]
-# (node, side, src ns, src workload, dst ns, dst workload, dst port)
-TcpLeaf = tuple[str, str, str, str, str, str, str]
+# (node, side, src ns, src workload, src pod, dst ns, dst workload, dst pod, dst service,
+#  dst port)
+TcpLeaf = tuple[str, str, str, str, str, str, str, str, str, str]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,15 +246,17 @@ class TopologyView:
                         self._hosts[key] = (seen, str(labels["node"]))
                     written += 1
                     continue
-                if kind == "pod":  # the pod view takes its TCP signals from workload edges
+                if kind == "pod":  # per observing pod: the pod view uses the edges' pods
                     written += 1
                     continue
                 if kind != "edge":
                     raise ValueError(f"unknown network record kind {kind!r}")
                 leaf: TcpLeaf = (
                     str(labels["node"]), str(labels["side"]), str(labels["src_namespace"]),
-                    str(labels["src_workload"]), str(labels["dst_namespace"]),
-                    str(labels["dst_workload"]), str(labels["dst_port"]))
+                    str(labels["src_workload"]), str(labels.get("src_pod", "")),
+                    str(labels["dst_namespace"]), str(labels["dst_workload"]),
+                    str(labels.get("dst_pod", "")), str(labels.get("dst_service", "")),
+                    str(labels["dst_port"]))
                 counts = record["counts"]
                 agg = _Tcp({k: int(counts[k]) for k in TCP_COUNTS},
                            LatencySketch.from_wire(record["rtt"]))
@@ -322,7 +327,7 @@ class TopologyView:
                 end = float(start + seconds)
                 last_seen[(src, dst)] = max(last_seen.get((src, dst), 0.0), end)
         for tleaf, twindows in self._tcp.items():
-            node, side, sns, swl, dns, dwl, _port = tleaf
+            node, side, sns, swl, spod, dns, dwl, dpod, dsvc, _port = tleaf
             if level == "node":  # the observing end is on the node that reported it
                 a = _project(level, _Party(sns, swl), hosts)
                 b = _project(level, _Party(dns, dwl), hosts)
@@ -332,7 +337,7 @@ class TopologyView:
                 nodes.setdefault(b["id"], b)
                 src, dst = a["id"], b["id"]
             else:
-                src, dst = ends(_Party(sns, swl), _Party(dns, dwl))
+                src, dst = ends(_Party(sns, swl, spod), _Party(dns, dwl, dpod, dsvc))
             for start, (seconds, tagg) in twindows.items():
                 if start + seconds <= since:
                     continue

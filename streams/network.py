@@ -46,8 +46,8 @@ __all__ = [
     "failure_kind", "rtt_sketch",
 ]
 
-EDGE_LABELS = ("node", "side", "src_namespace", "src_workload", "dst_namespace", "dst_workload",
-               "dst_port")
+EDGE_LABELS = ("node", "side", "src_namespace", "src_workload", "src_pod", "dst_namespace",
+               "dst_workload", "dst_pod", "dst_service", "dst_port")
 WORKLOAD_LABELS = ("node", "side", "namespace", "workload")
 POD_LABELS = ("node", "side", "namespace", "workload", "pod")  # the observing end (Kubernetes)
 LABELS = {"edge": EDGE_LABELS, "workload": WORKLOAD_LABELS, "pod": POD_LABELS}
@@ -166,35 +166,46 @@ class NetworkAggregator:
                                                    "insert_failed")}}
 
     def names(self, node: str, r: dict[str, Any]
-              ) -> tuple[str, tuple[str, str], tuple[str, str], int]:
-        """(side, (src namespace, workload), (dst namespace, workload), dst port) of one
-        interval. A pod's address is named by its pod's workload, a service's cluster IP by
-        the workload behind it; else bare-host naming (process, listener, address)."""
+              ) -> tuple[str, tuple[str, str, str], tuple[str, str, str], str, int]:
+        """(side, (src namespace, workload, pod), (dst namespace, workload, pod), dst service,
+        dst port) of one interval. A pod's address is named by its pod, a service's cluster IP
+        by the workload behind it (no pod: conntrack's answer is the L7 probe's); else
+        bare-host naming (process, listener, address) with no pod. The service is the
+        reassembler's (``Reassembler._service``): the cluster IP's owner, else the one service
+        listing the called address."""
         laddr, lport, raddr, rport = r["laddr"], int(r["lport"]), r["raddr"], int(r["rport"])
         role = r["role"]
         if role not in ("client", "server"):  # adopted: a listening port means server
             role = "server" if self._listener(node, laddr, lport, laddr) else "client"
         if role == "client":
-            src = self._pod(laddr) or ("", r["comm"] or peer_name(laddr))
+            src = self._pod(laddr) or ("", r["comm"] or peer_name(laddr), "")
             dst = self._pod(raddr, rport) or ("", r["peer_comm"] or self._listener(
-                node, raddr, rport, laddr) or peer_name(raddr))
-            return "client", src, dst, rport
-        src = self._pod(raddr) or ("", r["peer_comm"] or peer_name(raddr))
+                node, raddr, rport, laddr) or peer_name(raddr), "")
+            return "client", src, dst, self._service(raddr, rport, cluster_ip=True), rport
+        src = self._pod(raddr) or ("", r["peer_comm"] or peer_name(raddr), "")
         dst = self._pod(laddr) or ("", r["comm"] or self._listener(node, laddr, lport, laddr)
-                                   or peer_name(laddr))
-        return "server", src, dst, lport
+                                   or peer_name(laddr), "")
+        return "server", src, dst, self._service(laddr, lport, cluster_ip=False), lport
 
-    def _pod(self, addr: str, port: int | None = None) -> tuple[str, str] | None:
+    def _pod(self, addr: str, port: int | None = None) -> tuple[str, str, str] | None:
         ident = self.identity
         if ident is None or addr in LOOPBACK:
             return None
         pod = ident.pod_for_ip(addr)
         if pod is not None:
-            return pod.namespace, pod.workload
+            return pod.namespace, pod.workload, pod.pod
         svc = ident.service_for(addr, port) if port is not None else None
         if svc is not None:
-            return ident.service_workload(svc) or (svc.namespace, svc.name)
+            return (*(ident.service_workload(svc) or (svc.namespace, svc.name)), "")
         return None
+
+    def _service(self, addr: str, port: int, *, cluster_ip: bool) -> str:
+        ident = self.identity
+        if ident is None:
+            return ""
+        svc = ((ident.service_for(addr, port) if cluster_ip else None)
+               or ident.service_of_endpoint(addr, port))
+        return svc.name if svc is not None else ""
 
     def _local_pod(self, addr: str) -> tuple[str, str, str] | None:
         ident = self.identity
@@ -204,9 +215,10 @@ class NetworkAggregator:
         return (pod.namespace, pod.workload, pod.pod) if pod is not None else None
 
     def _add(self, node: str, r: dict[str, Any]) -> None:
-        side, (src_ns, src), (dst_ns, dst), port = self.names(node, r)
+        side, (src_ns, src, src_pod), (dst_ns, dst, dst_pod), service, port = self.names(node, r)
         local_ns, local = (src_ns, src) if side == "client" else (dst_ns, dst)
-        edge: Series = ("edge", (node, side, src_ns, src, dst_ns, dst, str(port)))
+        edge: Series = ("edge", (node, side, src_ns, src, src_pod, dst_ns, dst, dst_pod, service,
+                                 str(port)))
         workload: Series = ("workload", (node, side, local_ns, local))
         targets = [edge, workload]
         pod = self._local_pod(r["laddr"])

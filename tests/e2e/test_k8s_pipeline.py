@@ -171,6 +171,12 @@ def test_calls_by_pod_ip_and_cluster_ip_carry_namespace_workload_and_pod(
         wait_for("the backend pod's TCP signals", lambda: pipe.series(
             "kubesight_tcp_pod_bytes_total", namespace=ns, workload="backend", pod=backend_pod,
             side="server", direction="received"), timeout=90)
+        # ...and per edge, with the pods and the service the requests carry: the calls by
+        # pod IP from both ends (through the cluster IP, the client's TCP side has no pod).
+        for side in ("client", "server"):
+            wait_for(f"the {side}'s pod-to-pod TCP edge", lambda side=side: pipe.total(
+                "kubesight_tcp_connections_opened_total", side=side, src_pod=frontend_pod,
+                dst_pod=backend_pod, dst_service="backend") >= CALLS, timeout=90)
 
         records = [r for m in read_topic(pipe.config, "requests.v1") for r in m["requests"]
                    if r["src_namespace"] == ns]

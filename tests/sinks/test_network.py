@@ -14,7 +14,8 @@ from kubesight.streams.sketch import LatencySketch
 from tests.promtext import parse
 
 EDGE = {"node": "n1", "side": "client", "src_namespace": "", "src_workload": "gateway",
-        "dst_namespace": "", "dst_workload": "product", "dst_port": "8080"}
+        "src_pod": "", "dst_namespace": "", "dst_workload": "product", "dst_pod": "",
+        "dst_service": "", "dst_port": "8080"}
 COUNTS = ("opened", "closed", "failed_refused", "failed_timeout", "failed_unreachable",
           "retransmits", "resets_sent", "resets_received", "bytes_sent", "bytes_received",
           "rtt_sum_us")
@@ -107,6 +108,16 @@ def test_malformed_network_records_are_counted_not_fatal(sink: PrometheusSink) -
     written = rejected - {("outcome", "rejected")} | {("outcome", "written")}
     assert samples[("kubesight_sink_records_total", rejected)] == 3
     assert samples[("kubesight_sink_records_total", written)] == 1
+
+
+def test_edges_from_before_pods_and_services_read_them_as_empty(sink: PrometheusSink) -> None:
+    """network.v1 edges gained src_pod, dst_pod and dst_service after its first release: an
+    edge written by an older worker still counts, under empty ones."""
+    old = {k: v for k, v in EDGE.items() if k not in ("src_pod", "dst_pod", "dst_service")}
+    sink.write_network([window(100, [0.001], labels=old, retransmits=2),
+                        window(110, [0.001], retransmits=3)])
+    samples, _types = scrape(sink)
+    assert samples[("kubesight_tcp_retransmits_total", frozenset(EDGE.items()))] == 5
 
 
 def test_pod_level_tcp_signals_single_out_one_replica(sink: PrometheusSink) -> None:

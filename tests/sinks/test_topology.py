@@ -43,12 +43,14 @@ def golden(start: int, latencies: Sequence[float], *, side: str = "client", src:
 
 def network(start: int, *, kind: str = "edge", side: str = "client", src: str = "gateway",
             dst: str = "product", ns: str = "shop", node: str = "n1", rtt: Sequence[float] = (),
+            src_pod: str = "", dst_pod: str = "", dst_service: str = "",
             **counts: int) -> NetworkRecord:
     if kind == "workload":
         labels = {"node": node, "side": side, "namespace": ns, "workload": src}
     else:
         labels = {"node": node, "side": side, "src_namespace": ns, "src_workload": src,
-                  "dst_namespace": ns, "dst_workload": dst, "dst_port": "8080"}
+                  "src_pod": src_pod, "dst_namespace": ns, "dst_workload": dst,
+                  "dst_pod": dst_pod, "dst_service": dst_service, "dst_port": "8080"}
     all_counts = dict.fromkeys(("opened", "closed", "failed_refused", "failed_timeout",
                                 "failed_unreachable", "retransmits", "resets_sent",
                                 "resets_received", "bytes_sent", "bytes_received",
@@ -136,6 +138,21 @@ def test_levels() -> None:
                                                    ("curl", "nginx", "http")}
     assert edges(topo.graph("namespace"))[("shop", "shop", "http")]["requests"] == 5
     assert ("node-a", "node-b", "http") in edges(topo.graph("node"))
+    # TCP edges carry the same pods and service: their signals land on the same edges
+    topo.write_network([
+        network(T0, src_pod="gateway-1", dst_pod="product-b", dst_service="products",
+                retransmits=9, rtt=[0.2]),
+        network(T0, src_pod="gateway-1", dst_pod="product-a", dst_service="products",
+                rtt=[0.0001]),
+    ])
+    pods = edges(topo.graph("pod"))
+    slow_tcp = pods[("shop/gateway-1", "shop/product-b", "http")]["tcp"]["client"]
+    fast_tcp = pods[("shop/gateway-1", "shop/product-a", "http")]["tcp"]["client"]
+    assert (slow_tcp["retransmits"], fast_tcp["retransmits"]) == (9, 0)
+    assert slow_tcp["rtt_seconds"]["p50"] == pytest.approx(0.2, rel=0.01)
+    assert not [k for k in pods if k[2] == "tcp"]  # no TCP signals left on an edge of their own
+    service = edges(topo.graph("service"))[("shop/gateway", "shop/products", "http")]
+    assert service["tcp"]["client"]["retransmits"] == 9
     with pytest.raises(ValueError, match="level must be one of"):
         topo.graph("cluster")
     with pytest.raises(ValueError, match="window must be within"):

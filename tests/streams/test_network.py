@@ -66,7 +66,7 @@ def test_client_and_server_ends_of_one_connection_report_one_edge_per_side() -> 
                           comm="nginx", peer_comm="curl", bytes_sent=2000, bytes_received=100)
     agg.on_batch(batch(interval(), server_end))
     got = partials(agg)
-    edge = ("", "curl", "", "nginx", "8080")
+    edge = ("", "curl", "", "", "nginx", "", "", "8080")  # bare host: no pods, no service
     client = got[("edge", NODE, "client", *edge)][T0]
     server = got[("edge", NODE, "server", *edge)][T0]
     assert (client["bytes_sent"], client["bytes_received"]) == (100, 2000)
@@ -102,7 +102,8 @@ def test_names(over: dict[str, Any], listeners: dict[tuple[str, int], str],
     for (addr, port), comm in listeners.items():
         agg.on_listener({"node": NODE, "addr": addr, "port": port, "comm": comm,
                          "workload": comm})
-    assert agg.names(NODE, interval(**over)) == expected
+    side, src, dst, port = expected  # a bare host: no pods, no service
+    assert agg.names(NODE, interval(**over)) == (side, (*src, ""), (*dst, ""), "", port)
 
 
 @pytest.mark.parametrize(("over", "kind"), [
@@ -118,7 +119,8 @@ def test_failed_connects_by_kind(over: dict[str, Any], kind: str) -> None:
     assert failure_kind(failed) == kind
     agg = NetworkAggregator(window_seconds=10)
     agg.on_batch(batch(failed))
-    counts = partials(agg)[("edge", NODE, "client", "", "curl", "", "127.0.0.1", "8080")][T0]
+    edge = ("edge", NODE, "client", "", "curl", "", "", "127.0.0.1", "", "", "8080")
+    counts = partials(agg)[edge][T0]
     assert counts[f"failed_{kind}"] == 1 and counts["retransmits"] == 2
     assert counts["opened"] == counts["closed"] == 0
     assert sum(counts[f"failed_{k}"] for k in ("refused", "timeout", "unreachable")) == 1
@@ -133,7 +135,7 @@ def test_opened_counts_in_its_own_window_and_snapshots_add_up() -> None:
                  resets_received=1),
         interval(new=False, ts=(T0 + 12) * 10**9, bytes_sent=1),
     ))
-    windows = partials(agg)[("edge", NODE, "client", "", "curl", "", "nginx", "8080")]
+    windows = partials(agg)[("edge", NODE, "client", "", "curl", "", "", "nginx", "", "", "8080")]
     assert windows[T0 - 10]["opened"] == 1 and windows[T0 - 10]["bytes_sent"] == 0
     assert (windows[T0]["opened"], windows[T0]["closed"]) == (0, 0)
     assert (windows[T0]["bytes_sent"], windows[T0]["retransmits"],
@@ -245,9 +247,18 @@ def test_pod_addresses_and_cluster_ips_are_named_by_their_kubernetes_workload() 
                              rport=80)
     server_end = interval(role="server", comm="api", peer_comm="", laddr="10.244.0.7",
                           lport=8080, raddr="10.244.0.5", rport=40000)
-    assert agg.names(NODE, by_pod_ip) == ("client", ("shop", "gateway"), ("shop", "api"), 8080)
-    assert agg.names(NODE, by_cluster_ip) == ("client", ("shop", "gateway"), ("shop", "api"), 80)
-    assert agg.names(NODE, server_end) == ("server", ("shop", "gateway"), ("shop", "api"), 8080)
+    gateway, api = ("shop", "gateway", "gw-0"), ("shop", "api", "api-0")
+    assert agg.names(NODE, by_pod_ip) == ("client", gateway, api, "api", 8080)
+    # through the cluster IP: the service, and its one workload, but no pod (conntrack's
+    # answer is the L7 probe's)
+    assert agg.names(NODE, by_cluster_ip) == ("client", gateway, ("shop", "api", ""), "api", 80)
+    assert agg.names(NODE, server_end) == ("server", gateway, api, "api", 8080)
+    agg.on_batch({"v": 1, "node": NODE, "ts": T0 * 10**9, "connections": [by_pod_ip]})
+    edges = [m["labels"] for _k, m in agg.take_partials() if m["kind"] == "edge"]
+    assert edges == [{"node": NODE, "side": "client", "src_namespace": "shop",
+                      "src_workload": "gateway", "src_pod": "gw-0", "dst_namespace": "shop",
+                      "dst_workload": "api", "dst_pod": "api-0", "dst_service": "api",
+                      "dst_port": "8080"}]
 
 
 def test_a_pod_end_also_reports_under_its_pod() -> None:
