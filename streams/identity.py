@@ -150,6 +150,14 @@ class IdentityTable:
         services = {svc.key: svc for svc in self._endpoints.get((ip, port), {}).values()}
         return next(iter(services.values())) if len(services) == 1 else None
 
+    def called_service(self, addr: str, port: int, *, cluster_ip: bool) -> str:
+        """The name of the service a call to addr:port went to, or "": the owner of that
+        cluster IP (when ``cluster_ip``: the caller's view), else the one service listing it as
+        an endpoint (a pod called directly, or the server's own address)."""
+        svc = ((self.service_for(addr, port) if cluster_ip else None)
+               or self.service_of_endpoint(addr, port))
+        return svc.name if svc is not None else ""
+
     def service_workload(self, svc: ServiceIdentity) -> tuple[str, str] | None:
         """(namespace, workload) behind a service when all its known endpoints belong to one
         workload (a Deployment's replicas); None when they differ or none is known."""

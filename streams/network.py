@@ -201,11 +201,7 @@ class NetworkAggregator:
 
     def _service(self, addr: str, port: int, *, cluster_ip: bool) -> str:
         ident = self.identity
-        if ident is None:
-            return ""
-        svc = ((ident.service_for(addr, port) if cluster_ip else None)
-               or ident.service_of_endpoint(addr, port))
-        return svc.name if svc is not None else ""
+        return ident.called_service(addr, port, cluster_ip=cluster_ip) if ident else ""
 
     def _local_pod(self, addr: str) -> tuple[str, str, str] | None:
         ident = self.identity

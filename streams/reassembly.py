@@ -284,15 +284,11 @@ class Reassembler:
 
     def _service(self, conn: _Connection, side: str) -> str:
         """The called service's name (see the module docstring), or ""."""
-        ident = self.identity
-        if ident is None:
+        if self.identity is None:
             return ""
         if side == "client":
-            svc = (ident.service_for(conn.raddr, conn.rport)
-                   or ident.service_of_endpoint(conn.raddr, conn.rport))
-        else:
-            svc = ident.service_of_endpoint(conn.laddr, conn.lport)
-        return svc.name if svc is not None else ""
+            return self.identity.called_service(conn.raddr, conn.rport, cluster_ip=True)
+        return self.identity.called_service(conn.laddr, conn.lport, cluster_ip=False)
 
     def _names(self, conn: _Connection, req: Request, final: bool
                ) -> tuple[Party, Party] | None:
