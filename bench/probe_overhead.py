@@ -10,8 +10,17 @@ Modes, alternated round by round so drift in the machine hits all of them alike:
   kafka      full capture produced for real to a local broker on the same two cores
              (only with --kafka; the broker then competes with nginx and wrk for CPU)
 
+nginx (one worker) runs on the first CPU and wrk (one thread, 16 connections) on the second;
+the probe is not pinned. Unpinned (--unpinned), where the scheduler puts them moves throughput
+by 20% from round to round, more than what is measured.
+
+Two measures per mode, both as ratios to the baseline: throughput (requests/s), and CPU per
+request of nginx, wrk and the probe together (BPF programs run in the syscalls of nginx and
+wrk, so their time is in those processes' system time).
+
 BPF run time per event comes from the kernel's own accounting (kernel.bpf_stats_enabled) read
-with bpftool after a capture round. Usage: python -m bench.probe_overhead [--rounds 3]
+with bpftool after an extra capture round, not counted in the ratios (the accounting itself
+slows every program). Usage: python -m bench.probe_overhead [--rounds 3]
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.e2e.harness import Nginx, wait_for, wrk  # noqa: E402
+from tests.e2e.harness import Nginx, WrkResult, wait_for, wrk  # noqa: E402
 
 
 def _probe_child(mode: str, bootstrap: str) -> None:
@@ -69,7 +78,8 @@ def _probe_child(mode: str, bootstrap: str) -> None:
     from kubesight.config import ProbeConfig
 
     defaults = ProbeConfig()  # measure what kubesight runs with
-    probe = L7Probe(capture_bytes=defaults.capture_bytes, ringbuf_bytes=defaults.ringbuf_bytes,
+    ringbuf = int(os.environ.get("KS_BENCH_RINGBUF", defaults.ringbuf_bytes))
+    probe = L7Probe(capture_bytes=defaults.capture_bytes, ringbuf_bytes=ringbuf,
                     filter_all=(mode == "filtered"))
     producer: Any
     if mode == "kafka":
@@ -110,13 +120,57 @@ def _bpf_prog_stats() -> dict[str, tuple[int, int]]:
                          check=True)
     stats = {}
     for prog in json.loads(out.stdout):
-        if prog.get("type") == "tracepoint" and "run_cnt" in prog:
+        if prog.get("type") in ("tracepoint", "tracing") and "run_cnt" in prog:
             stats[prog.get("name", str(prog["id"]))] = (prog["run_time_ns"], prog["run_cnt"])
     return stats
 
 
-def run_mode(mode: str, url: str, seconds: float, bootstrap: str,
-             bpf_stats: bool = False) -> dict[str, Any]:
+def _clock_ticks(pid: int) -> int:
+    """utime + stime of one process, in clock ticks (BPF programs count in the stime of the
+    process whose syscall ran them)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _children_ticks(ppid: int) -> int:
+    total = 0
+    for pid in _children(ppid):
+        try:
+            total += _clock_ticks(pid)
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return total
+
+
+def _pin_nginx(master: int, cpu: int) -> None:
+    """nginx's master and workers on one CPU (workers are forked: they keep the mask)."""
+    for pid in [master, *_children(master)]:
+        os.sched_setaffinity(pid, {cpu})
+
+
+def _children(ppid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int(
+                    (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == ppid:
+                out.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile
+    return out
+
+
+def _wrk(url: str, seconds: float, cpu: int | None) -> WrkResult:
+    if cpu is None:
+        return wrk(url, connections=16, threads=2, seconds=seconds)
+    out = subprocess.run(["taskset", "-c", str(cpu), "wrk", "-t1", "-c16", f"-d{seconds:g}s",
+                          "--latency", url], capture_output=True, text=True, check=True,
+                         timeout=seconds + 60)
+    return WrkResult(out.stdout)
+
+
+def run_mode(mode: str, url: str, seconds: float, bootstrap: str, nginx_pid: int,
+             bpf_stats: bool = False, wrk_cpu: int | None = None) -> dict[str, Any]:
     child = None
     if mode != "baseline":
         child = subprocess.Popen([sys.executable, "-m", "bench.probe_overhead", "--child", mode,
@@ -130,9 +184,15 @@ def run_mode(mode: str, url: str, seconds: float, bootstrap: str,
     try:
         if bpf_stats:
             subprocess.run(["sysctl", "-q", "kernel.bpf_stats_enabled=1"], check=True)
-        res = wrk(url, connections=16, threads=2, seconds=seconds)
+        nginx0, wrk0 = _children_ticks(nginx_pid), os.times()
+        res = _wrk(url, seconds, wrk_cpu)
+        nginx1, wrk1 = _children_ticks(nginx_pid), os.times()
         result["rps"] = res.requests / seconds
         result["requests"] = res.requests
+        # CPU of nginx's workers and of wrk (a child of ours: reaped into our children times)
+        result["cpu_s"] = ((nginx1 - nginx0) / os.sysconf("SC_CLK_TCK")
+                           + (wrk1.children_user - wrk0.children_user)
+                           + (wrk1.children_system - wrk0.children_system))
         if bpf_stats:
             result["bpf"] = _bpf_prog_stats()
             subprocess.run(["sysctl", "-q", "kernel.bpf_stats_enabled=0"], check=True)
@@ -143,6 +203,7 @@ def run_mode(mode: str, url: str, seconds: float, bootstrap: str,
             lines = [ln for ln in out.splitlines() if ln.startswith("{")]
             if lines:
                 result["probe"] = json.loads(lines[-1])
+                result["cpu_s"] += result["probe"]["cpu_s"]
     return result
 
 
@@ -154,6 +215,9 @@ def main() -> int:
     ap.add_argument("--kafka", action="store_true", help="add the produce-to-local-broker mode")
     ap.add_argument("--modes", default="baseline,filtered,capture",
                     help="comma-separated subset of baseline,filtered,capture (default: all)")
+    ap.add_argument("--unpinned", action="store_true",
+                    help="let the scheduler place nginx and wrk (default: nginx on CPU 0, wrk "
+                         "on CPU 1; unpinned, where they land moves throughput by +-20%%)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--bootstrap", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -186,6 +250,13 @@ def main() -> int:
         modes.append("kafka")
     nginx = Nginx(workdir)
     nginx.start()
+    assert nginx.proc is not None
+    # The probe's own process is never pinned: it takes its CPU from nginx's or wrk's.
+    wrk_cpu = None
+    if not args.unpinned and len(os.sched_getaffinity(0)) >= 2:
+        cpus = sorted(os.sched_getaffinity(0))
+        _pin_nginx(nginx.proc.pid, cpus[0])
+        wrk_cpu = cpus[1]
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     stats_round: dict[str, Any] = {}
     try:
@@ -193,12 +264,13 @@ def main() -> int:
         wrk(nginx.url + "/", seconds=1)  # warm up
         for r in range(args.rounds):
             for mode in modes:
-                res = run_mode(mode, nginx.url + "/", args.seconds, bootstrap)
+                res = run_mode(mode, nginx.url + "/", args.seconds, bootstrap, nginx.proc.pid,
+                               wrk_cpu=wrk_cpu)
                 results[mode].append(res)
                 print(f"round {r + 1} {mode:<9} {res['rps']:>10,.0f} req/s", flush=True)
         if "capture" in modes:  # its own round: the kernel's accounting slows every program
             stats_round = run_mode("capture", nginx.url + "/", args.seconds, bootstrap,
-                                   bpf_stats=True)
+                                   nginx.proc.pid, bpf_stats=True, wrk_cpu=wrk_cpu)
             print(f"bpf_stats round (not in the ratios): {stats_round['rps']:,.0f} req/s")
     finally:
         nginx.stop()
@@ -213,6 +285,13 @@ def main() -> int:
                                                          strict=True)]
         print(f"{mode:<10} {med:>12,.0f}   {med / base:>17.3f}   "
               + " ".join(f"{p:.3f}" for p in per_round))
+    # Throughput moves with everything else on the machine; CPU per request counts only
+    # nginx, wrk and the probe, so it is the steadier measure of the same cost.
+    base_cpu = statistics.median(x["cpu_s"] / x["requests"] for x in results["baseline"])
+    print("\nmode       CPU us per request (nginx + wrk + probe)   ratio to baseline")
+    for mode in modes:
+        per_req = statistics.median(x["cpu_s"] / x["requests"] for x in results[mode])
+        print(f"{mode:<10} {per_req * 1e6:>12.2f}   {base_cpu / per_req:>17.3f}")
     if "capture" not in results:
         return 0
     cpu = [(x["probe"]["cpu_s"], x["probe"]["kernel"]["events"]) for x in results["capture"]

@@ -1,10 +1,14 @@
 // SPDX-License-Identifier: GPL-2.0
 /* l7: TCP connection and payload events from syscall tracepoints (no kprobes needed).
  *
- * Entry programs decide early and cheaply: filtered process? not a TCP/UDP socket? -> return.
- * Otherwise they stash the syscall arguments per thread; exit programs read the return value,
- * copy a bounded payload prefix and submit one event to the ring buffer without a wakeup
- * (the user side polls on a timer; a wakeup per event costs ~5 us here). On Linux >= 6.16 the
+ * Reads and writes (read, write, readv, writev, sendto, recvfrom, sendmsg, recvmsg) are seen
+ * when they return, by one BTF tracepoint on raw_syscalls:sys_exit that takes the arguments
+ * from the task's saved registers (fast build, sys_exit_data), or by an entry program that
+ * stashes them per thread and an exit program per syscall (compat build, and connect, accept
+ * and the mmsg calls in both). Each decides early and cheaply: moved no data? filtered
+ * process? not a TCP/UDP socket? -> return. Otherwise it copies a bounded payload prefix and
+ * submits one event to the ring buffer without a wakeup (the user side polls on a timer; a
+ * wakeup per event costs ~5 us here). On Linux >= 6.16 the
  * event is written straight into its ring-buffer record (one copy of the payload, user memory
  * -> ring); older kernels build it in per-CPU scratch and copy it in (see struct l7_out).
  *
@@ -144,12 +148,22 @@ struct {
 	__type(value, struct l7_flow_key);
 } udp_last_flow SEC(".maps");
 
+/* Per-process bits, one u64 word per 64 tgids: an array lookup is inlined by the verifier,
+ * a hash lookup is a helper call that hashes. Every data syscall asks both. The loader sizes
+ * them to the kernel's pid_max (default here: 4M pids, 512 KiB each). */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, L7_MAX_EXCLUDED);
-	__type(key, __u32);			/* tgid */
-	__type(value, __u8);
-} excluded_tgids SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, L7_TGID_WORDS);
+	__type(key, __u32);			/* tgid / 64 */
+	__type(value, __u64);			/* bit tgid % 64 */
+} excluded_tgids SEC(".maps");			/* set by the user side */
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, L7_TGID_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
+} tls_tgids SEC(".maps");			/* set by the first SSL_read/SSL_write of a process */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -171,15 +185,6 @@ struct {
 	__type(key, __u64);			/* SSL * */
 	__type(value, __u64);			/* struct sock * */
 } tls_sockets SEC(".maps");
-
-/* Set to 1 by the user side once a TLS library is probed: until then, syscalls skip the
- * tls_calls lookup (an array lookup is inlined, a hash lookup is not). */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u32);
-} tls_enabled SEC(".maps");
 
 /* Events are too big for the 512-byte stack: build them here (unless written in place). */
 struct {
@@ -207,14 +212,26 @@ static __always_inline void count(__u32 idx)
 		*val += 1;	/* per-CPU slot: no atomic needed */
 }
 
-/* First filter of every entry program: two loads and at most one hash lookup. */
+static __always_inline __u64 *tgid_word(void *bits, __u32 tgid)
+{
+	__u32 word = tgid / 64;
+
+	return bpf_map_lookup_elem(bits, &word);
+}
+
+static __always_inline bool tgid_bit(void *bits, __u32 tgid)
+{
+	__u64 *word = tgid_word(bits, tgid);
+
+	return word && (*word >> (tgid % 64)) & 1;
+}
+
+/* First filter of every program: not one event from an excluded process. */
 static __always_inline bool traced(__u64 pid_tgid)
 {
-	__u32 tgid = pid_tgid >> 32;
-
 	if (filter_all)
 		return false;
-	return !bpf_map_lookup_elem(&excluded_tgids, &tgid);
+	return !tgid_bit(&excluded_tgids, pid_tgid >> 32);
 }
 
 /* fd -> struct sock * if it is a TCP or UDP socket over IPv4/IPv6, else NULL (no kprobes:
@@ -631,13 +648,12 @@ static __always_inline bool looks_like_tls(struct l7_out *out, __u64 got, __u8 r
  * mark the connection TLS; the uprobe at return sends the plaintext instead. */
 static __always_inline bool inside_tls_call(__u64 id, struct sock *sk)
 {
-	__u32 zero = 0, *on = bpf_map_lookup_elem(&tls_enabled, &zero);
 	struct l7_tls_call *call;
 	struct l7_conn *conn;
 	__u64 key = (__u64)sk;
 
-	if (!on || !*on)
-		return false;
+	if (!tgid_bit(&tls_tgids, id >> 32))
+		return false;	/* the process never called the TLS library */
 	call = bpf_map_lookup_elem(&tls_calls, &id);
 	if (!call)
 		return false;
@@ -669,6 +685,7 @@ static __always_inline int on_data_enter(enum l7_kind kind, int fd, __u64 buf, _
 	return 0;
 }
 
+#ifdef L7_COMPAT
 /* sendmsg/recvmsg: the iovec array (and a UDP peer's address) live in the user's msghdr. */
 static __always_inline int on_msg_enter(enum l7_kind kind, int fd, __u64 msgp)
 {
@@ -679,6 +696,7 @@ static __always_inline int on_msg_enter(enum l7_kind kind, int fd, __u64 msgp)
 	return on_data_enter(kind, fd, (__u64)msg.msg_iov, msg.msg_iovlen, 0,
 			     (__u64)msg.msg_name, 0);
 }
+#endif
 
 /* The DNS header's fixed bits: opcode QUERY, exactly one question. Anything else on UDP is
  * not worth a ring-buffer slot (the user side has no other UDP parser). */
@@ -803,42 +821,39 @@ static __always_inline void udp_mmsg(const struct l7_args *args, __u64 id, long 
 	}
 }
 
-static __always_inline int on_data_exit(long ret)
+/* A send that fails because the peer is gone is still what the process answered (a server
+ * logs it as served): report it, size = -errno. EAGAIN etc. are retried later. */
+static __always_inline bool send_failed_dead(enum l7_kind kind, long ret)
 {
-	__u64 id = bpf_get_current_pid_tgid();
+	return kind == L7_DATA_OUT && (ret == -EPIPE || ret == -ECONNRESET);
+}
+
+/* A data syscall on an inet socket returned ret: send what it moved. */
+static __always_inline int data_exit(const struct l7_args *args, __u64 id, long ret, __u64 ts)
+{
 	struct l7_conn fresh = {}, *conn;
-	struct l7_args args;
 	struct l7_out out;
 	struct l7_event *ev;
-	__u64 got, want, ts;
+	__u64 got, want;
 	bool dead;
 
-	if (!unstash(id, &args))
-		return 0;
-	if (args.kind != L7_DATA_IN && args.kind != L7_DATA_OUT)
-		return 0;	/* stash left by a syscall whose exit we missed */
-	/* A write starts a message when it is called (on loopback the send itself may run the
-	 * receiver first); a read has the message when it returns. */
-	ts = args.kind == L7_DATA_OUT ? args.enter_ns : bpf_ktime_get_ns();
-	if (args.transport == L7_UDP) {
+	if (args->transport == L7_UDP) {
 		if (ret <= 0)
 			return 0;
-		if (args.mmsg)
-			udp_mmsg(&args, id, ret, ts);
+		if (args->mmsg)
+			udp_mmsg(args, id, ret, ts);
 		else
-			udp_datagram(&args, id, ret, args.buf, args.iovcnt, args.name, ts);
+			udp_datagram(args, id, ret, args->buf, args->iovcnt, args->name, ts);
 		return 0;
 	}
-	/* A send that fails because the peer is gone is still what the process answered (a
-	 * server logs it as served): report it, size = -errno. EAGAIN etc. are retried later. */
-	dead = args.kind == L7_DATA_OUT && (ret == -EPIPE || ret == -ECONNRESET);
+	dead = send_failed_dead(args->kind, ret);
 	if (ret <= 0 && !dead)
 		return 0;
-	conn = bpf_map_lookup_elem(&conns, &args.sk);
+	conn = bpf_map_lookup_elem(&conns, &args->sk);
 	if (!conn) {
 		/* Open before the probe started: role unknown, identity from now on. */
-		conn_new(&fresh, (struct sock *)args.sk, L7_ROLE_UNKNOWN);
-		conn = bpf_map_lookup_elem(&conns, &args.sk);
+		conn_new(&fresh, (struct sock *)args->sk, L7_ROLE_UNKNOWN);
+		conn = bpf_map_lookup_elem(&conns, &args->sk);
 		if (!conn)
 			return 0;	/* not stored (counted): its tls/seen state would be lost */
 	}
@@ -846,12 +861,12 @@ static __always_inline int on_data_exit(long ret)
 		count(L7_CNT_TLS_CIPHERTEXT);
 		return 0;
 	}
-	want = capture_len(dead ? (args.iovcnt ? L7_CAPTURE_MAX : args.len) : (__u64)ret);
-	ev = event_start(&out, want, args.kind, conn, args.fd, ret, id, ts);
+	want = capture_len(dead ? (args->iovcnt ? L7_CAPTURE_MAX : args->len) : (__u64)ret);
+	ev = event_start(&out, want, args->kind, conn, args->fd, ret, id, ts);
 	if (!ev)
 		return 0;
-	tcp_health(ev, args.sk);
-	got = copy_message(&out, args.buf, args.iovcnt, want);
+	tcp_health(ev, args->sk);
+	got = copy_message(&out, args->buf, args->iovcnt, want);
 	if (!conn->seen) {
 		conn->seen = 1;
 		if (looks_like_tls(&out, got, conn->role)) {
@@ -865,6 +880,165 @@ static __always_inline int on_data_exit(long ret)
 	return 0;
 }
 
+/* Exit of a syscall whose entry program stashed its arguments (every data syscall in the
+ * compat build; sendmmsg/recvmmsg in both). */
+static __always_inline int on_data_exit(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct l7_args args;
+
+	if (!unstash(id, &args))
+		return 0;
+	if (args.kind != L7_DATA_IN && args.kind != L7_DATA_OUT)
+		return 0;	/* stash left by a syscall whose exit we missed */
+	/* A write starts a message when it is called (on loopback the send itself may run the
+	 * receiver first); a read has the message when it returns. */
+	return data_exit(&args, id, ret, args.kind == L7_DATA_OUT ? args.enter_ns
+								  : bpf_ktime_get_ns());
+}
+
+#ifndef L7_COMPAT
+/* --- Fast build: one exit program for the data syscalls ---------------------------------
+ *
+ * The compat build runs two programs per read or write: the entry program finds the socket
+ * and stashes the arguments, the exit program takes them back. Here one BTF tracepoint on
+ * raw_syscalls:sys_exit does it all: the arguments are still in the task's saved registers
+ * when the syscall returns (read/write do not change them), so there is no entry program, no
+ * stash, and nothing at all for the calls that moved no data (EAGAIN reads cost two compares).
+ * The price: a send's timestamp is when it returned, not when it was called. */
+#if defined(__TARGET_ARCH_x86)
+#define KS_NR_read	0
+#define KS_NR_write	1
+#define KS_NR_readv	19
+#define KS_NR_writev	20
+#define KS_NR_sendto	44
+#define KS_NR_recvfrom	45
+#define KS_NR_sendmsg	46
+#define KS_NR_recvmsg	47
+#define TS_COMPAT	0x0002	/* thread_info.status: inside a 32-bit (ia32) syscall */
+#define sc_nr(regs)	((regs)->orig_ax)
+#define sc_arg0(regs)	((regs)->di)
+#define sc_arg1(regs)	((regs)->si)
+#define sc_arg2(regs)	((regs)->dx)
+#define sc_arg3(regs)	((regs)->r10)
+#define sc_arg4(regs)	((regs)->r8)
+/* ia32 syscalls have numbers of their own (3 is close there); x32 ones carry bit 30 and
+ * match no case below. */
+#define sc_native(regs)	(!(bpf_get_current_task_btf()->thread_info.status & TS_COMPAT))
+#elif defined(__TARGET_ARCH_arm64)
+#define KS_NR_read	63
+#define KS_NR_write	64
+#define KS_NR_readv	65
+#define KS_NR_writev	66
+#define KS_NR_sendto	206
+#define KS_NR_recvfrom	207
+#define KS_NR_sendmsg	211
+#define KS_NR_recvmsg	212
+#define PSR_MODE32_BIT	0x10
+#define sc_nr(regs)	((regs)->syscallno)
+#define sc_arg0(regs)	((regs)->orig_x0)	/* x0 holds the return value by now */
+#define sc_arg1(regs)	((regs)->regs[1])
+#define sc_arg2(regs)	((regs)->regs[2])
+#define sc_arg3(regs)	((regs)->regs[3])
+#define sc_arg4(regs)	((regs)->regs[4])
+#define sc_native(regs)	(!((regs)->pstate & PSR_MODE32_BIT))
+#else
+#error "fast build: syscall numbers and registers for this architecture are missing"
+#endif
+
+/* What the compat build's entry programs did, done at exit: filter, find the socket, and
+ * for sendmsg/recvmsg (msgp != 0) read the msghdr. */
+static __always_inline int fast_data_exit(struct l7_args *args, long ret, __u64 msgp)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct user_msghdr msg;
+	struct sock *sk;
+
+	if (!traced(id))
+		return 0;
+	sk = inet_sock_of_fd(args->fd, &args->transport);
+	if (!sk)
+		return 0;
+	if (args->transport == L7_TCP && inside_tls_call(id, sk))
+		return 0;
+	if (msgp) {
+		if (bpf_probe_read_user(&msg, sizeof(msg), (const void *)msgp))
+			return 0;
+		args->buf = (__u64)msg.msg_iov;
+		args->iovcnt = msg.msg_iovlen;
+		args->name = (__u64)msg.msg_name;
+	}
+	args->sk = (__u64)sk;
+	return data_exit(args, id, ret, bpf_ktime_get_ns());
+}
+
+SEC("tp_btf/sys_exit")
+int BPF_PROG(sys_exit_data, struct pt_regs *regs, long ret)
+{
+	struct l7_args args = {};
+	__u64 msgp = 0;
+
+	if (filter_all)
+		return 0;
+	/* Every syscall of every process comes here: the cheapest tests first. */
+	if (ret <= 0 && ret != -EPIPE && ret != -ECONNRESET)
+		return 0;
+	switch (sc_nr(regs)) {
+	case KS_NR_read:	/* read(fd, buf, count) */
+		args.kind = L7_DATA_IN;
+		args.buf = sc_arg1(regs);
+		break;
+	case KS_NR_write:	/* write(fd, buf, count) */
+		args.kind = L7_DATA_OUT;
+		args.buf = sc_arg1(regs);
+		args.len = sc_arg2(regs);
+		break;
+	case KS_NR_readv:	/* readv(fd, iov, iovcnt) */
+		args.kind = L7_DATA_IN;
+		args.buf = sc_arg1(regs);
+		args.iovcnt = sc_arg2(regs);
+		break;
+	case KS_NR_writev:
+		args.kind = L7_DATA_OUT;
+		args.buf = sc_arg1(regs);
+		args.iovcnt = sc_arg2(regs);
+		break;
+	case KS_NR_sendto:	/* sendto(fd, buf, len, flags, dest_addr, addrlen) */
+		args.kind = L7_DATA_OUT;
+		args.buf = sc_arg1(regs);
+		args.len = sc_arg2(regs);
+		args.name = sc_arg4(regs);
+		break;
+	case KS_NR_recvfrom:	/* recvfrom(fd, buf, len, flags, src_addr, addrlen) */
+		/* MSG_PEEK leaves the data queued: it will be read again. */
+		if (sc_arg3(regs) & MSG_PEEK)
+			return 0;
+		args.kind = L7_DATA_IN;
+		args.buf = sc_arg1(regs);
+		args.name = sc_arg4(regs);
+		break;
+	case KS_NR_sendmsg:	/* sendmsg(fd, msg, flags) */
+		args.kind = L7_DATA_OUT;
+		msgp = sc_arg1(regs);
+		break;
+	case KS_NR_recvmsg:
+		if (sc_arg2(regs) & MSG_PEEK)
+			return 0;
+		args.kind = L7_DATA_IN;
+		msgp = sc_arg1(regs);
+		break;
+	default:
+		return 0;
+	}
+	if (ret <= 0 && !send_failed_dead(args.kind, ret))
+		return 0;
+	if (!sc_native(regs))
+		return 0;
+	args.fd = sc_arg0(regs);
+	return fast_data_exit(&args, ret, msgp);
+}
+#endif /* !L7_COMPAT */
+
 /* --- TLS library (uprobes) -------------------------------------------------------------- */
 
 static __always_inline int tls_enter(enum l7_kind kind, __u64 ssl, __u64 buf, __u64 nbytes)
@@ -876,8 +1050,13 @@ static __always_inline int tls_enter(enum l7_kind kind, __u64 ssl, __u64 buf, __
 	};
 	__u64 *sk;
 
+	__u64 bit = 1ULL << ((id >> 32) % 64), *word;
+
 	if (!traced(id))
 		return 0;
+	word = tgid_word(&tls_tgids, id >> 32);
+	if (word && !(*word & bit))
+		__sync_fetch_and_or(word, bit);	/* its syscalls now check for a TLS call */
 	sk = bpf_map_lookup_elem(&tls_sockets, &ssl);
 	if (sk)
 		call.sk = *sk;
@@ -1086,6 +1265,7 @@ static __always_inline int on_close_enter(int fd)
 #define ENTER struct trace_event_raw_sys_enter
 #define EXIT  struct trace_event_raw_sys_exit
 
+#ifdef L7_COMPAT	/* the fast build has sys_exit_data instead */
 SEC("tp/syscalls/sys_enter_read")
 int enter_read(ENTER *ctx)
 { return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], 0, 0, 0, 0); }
@@ -1148,6 +1328,7 @@ int enter_recvmsg(ENTER *ctx)
 }
 SEC("tp/syscalls/sys_exit_recvmsg")
 int exit_recvmsg(EXIT *ctx) { return on_data_exit(ctx->ret); }
+#endif
 
 SEC("tp/syscalls/sys_enter_connect")
 int enter_connect(ENTER *ctx)

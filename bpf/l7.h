@@ -10,7 +10,7 @@
 #define L7_MAX_UDP_FLOWS   16384	/* LRU: (UDP sock, peer) -> flow identity */
 #define L7_MAX_MMSG        4		/* datagrams reported per sendmmsg/recvmmsg */
 #define L7_MAX_INFLIGHT    16384	/* threads inside a traced syscall at once */
-#define L7_MAX_EXCLUDED    1024		/* tgids the user side excludes */
+#define L7_TGID_WORDS      65536	/* per-tgid bitmaps: 64 tgids a word, pid_max <= 4M */
 #define L7_RINGBUF_BYTES   (16 << 20)	/* default; the loader may resize before load */
 #define L7_ADDR_LEN        16
 #define L7_COMM_LEN        16
@@ -66,7 +66,7 @@ struct l7_event {
 	__u32 tgid;
 	__s32 fd;
 	__u64 conn_id;		/* unique per probe instance, never 0 */
-	__u64 ts_ns;		/* CLOCK_MONOTONIC; data out: syscall entry, others: exit */
+	__u64 ts_ns;		/* CLOCK_MONOTONIC at syscall exit (compat build: a send's entry) */
 	__s64 size;		/* syscall return: bytes transferred (-EPIPE/-ECONNRESET: send failed) */
 	__u32 cap_len;		/* bytes of payload[] that follow the header */
 	__u32 flags;		/* enum l7_flag bits */

@@ -208,8 +208,8 @@ _RECORD = struct.Struct("<I" + struct_format(
     L7EventHeader, skip=frozenset({"fd"}), join=("laddr", "raddr", "comm")
 )[1:])
 
-GROUPS_MAX = 8192  # struct ks_group per ks_ring_group call (it stops early when they run out)
-GROUP_DATA_BYTES = 4 << 20  # encoded events per ks_ring_group call
+GROUPS_MAX = 8192  # batches opened per ks_ring_group_batches call (it stops early at more)
+GROUP_DATA_BYTES = 4 << 20  # bytes of events encoded per ks_ring_group_batches call
 
 
 class KsGroup(ctypes.Structure):
@@ -294,22 +294,68 @@ def decode_records(view: memoryview | bytes, used: int, out: list[RawEvent],
 
 class ConnectionBatch:
     """One connection's events on their way to one Kafka message: the connection's identity
-    once, then its events as msgpack-encoded ``[kind, unix ts_ns, size, payload]`` arrays
-    (the raw.v1 wire form), in runs as they were drained."""
+    once (``meta``), then its ``n`` events as msgpack-encoded ``[kind, unix ts_ns, size,
+    payload]`` arrays (the raw.v1 wire form). Filled by the drain (or Publisher.add); made into
+    a message, then released, by Publisher.flush. Two kinds: ``EncodedBatch`` holds runs of
+    events encoded in Python, ``HeldBatch`` events libksdrain encoded into a buffer of its own.
+    """
 
-    __slots__ = ("conn_id", "meta", "encoded", "n", "nbytes")
+    __slots__ = ("conn_id",)
+
+    def __init__(self, conn_id: int) -> None:
+        self.conn_id = conn_id
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def n(self) -> int:
+        """Events."""
+        raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the encoded events."""
+        raise NotImplementedError
+
+    @property
+    def encoded(self) -> list[bytes]:
+        """The encoded events, in runs: to look at (``value`` makes the message)."""
+        raise NotImplementedError
+
+    def value(self, head: bytes) -> bytes:
+        """The Kafka message value: ``head`` (the raw.v1 map up to and with the events array
+        header), then the events."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Done with the batch: give back what holds its events (nothing, unless held)."""
+
+
+class EncodedBatch(ConnectionBatch):
+    """Events encoded in Python (decode_grouped, Publisher.add), in runs as they came."""
+
+    __slots__ = ("meta", "encoded", "n", "nbytes")
+    meta: dict[str, Any]
+    encoded: list[bytes]
+    n: int
+    nbytes: int
 
     def __init__(self, conn_id: int, meta: dict[str, Any]) -> None:
-        self.conn_id = conn_id
+        super().__init__(conn_id)
         self.meta = meta
-        self.encoded: list[bytes] = []
-        self.n = 0  # events
-        self.nbytes = 0  # encoded bytes
+        self.encoded = []
+        self.n = 0
+        self.nbytes = 0
 
     def add_encoded(self, run: bytes, events: int) -> None:
         self.encoded.append(run)
         self.n += events
         self.nbytes += len(run)
+
+    def value(self, head: bytes) -> bytes:
+        return b"".join((head, *self.encoded))
 
 
 def connection_meta(conn_id: int, role: int, family: int, transport: int, lport: int, rport: int,
@@ -342,10 +388,11 @@ def decode_grouped(view: memoryview | bytes, used: int, offset_ns: int,
         count += 1
         run = pack([kind, ts_ns + offset_ns, size, data[start:start + cap_len]])
         batch = open_batches.get(conn_id)
-        if batch is None or batch.n >= max_events or batch.nbytes + len(run) > max_bytes:
+        if (batch is None or not isinstance(batch, EncodedBatch) or batch.n >= max_events
+                or batch.nbytes + len(run) > max_bytes):
             if batch is not None:
                 sealed.append(batch)
-            batch = open_batches[conn_id] = ConnectionBatch(
+            batch = open_batches[conn_id] = EncodedBatch(
                 conn_id, connection_meta(conn_id, role, family, transport, lport, rport, tgid,
                                          _names(names, family, raw)))
         if flags & L7_FLAG_TLS:
@@ -364,66 +411,250 @@ def _names(cache: dict[bytes, tuple[str, str, str]], family: int,
     return decoded
 
 
-def group_runs(groups: memoryview, ngroups: int, data: memoryview,
-               open_batches: dict[int, ConnectionBatch], sealed: list[ConnectionBatch],
-               names: dict[bytes, tuple[str, str, str]], max_events: int,
-               max_bytes: int) -> int:
-    """Append the per-connection runs that ks_ring_group (bpf/drain.c) encoded into
-    ``groups`` (struct ks_group, as bytes) and ``data``; per connection, not per event, work.
-    Returns the number of events.
+class KsBatchInfo(ctypes.Structure):
+    """struct ks_batch_info (bpf/drain.c, layout tested): what Python reads of a batch that
+    ks_ring_group_batches holds."""
 
-    Each run is copied out of ``data`` (reused by the next call). Handing out views of a fresh
-    bytes object per call instead was tried: the big short-lived allocations were returned to
-    the kernel and faulted in again (20x the page faults), which cost more than the copy."""
-    unpack, size = _GROUP.unpack_from, _GROUP.size
-    count = 0
-    for off in range(0, ngroups * size, size):
-        (conn_id, nevents, start, length, flags, role, family, transport, lport, rport, tgid,
-         raw, srtt_us, retrans) = unpack(groups, off)
-        count += nevents
-        batch = open_batches.get(conn_id)
-        if (batch is None or batch.n + nevents > max_events
-                or batch.nbytes + length > max_bytes):
-            if batch is not None:
-                sealed.append(batch)
-            batch = open_batches[conn_id] = ConnectionBatch(
-                conn_id, connection_meta(conn_id, role, family, transport, lport, rport, tgid,
-                                         _names(names, family, raw)))
-        if flags & L7_FLAG_TLS:
-            batch.meta["tls"] = True
+    _fields_ = [
+        ("conn_id", ctypes.c_uint64),
+        ("nevents", ctypes.c_uint32),
+        ("len", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("srtt_us", ctypes.c_uint32),
+        ("retrans", ctypes.c_uint32),
+        ("tls_first", ctypes.c_uint32),
+        ("data", ctypes.c_uint64),
+        ("room", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("first", L7EventHeader),
+    ]
+
+
+_BATCH_COUNTS = ("nevents", "len", "flags", "srtt_us", "retrans", "tls_first", "data", "room",
+                 "_pad")
+# A new batch's connection and its identity (decoded as _RECORD does), and a batch's counts.
+_BATCH_IDENTITY = struct.Struct(struct_format(
+    KsBatchInfo, skip=frozenset(_BATCH_COUNTS), nested={"first": struct_format(
+        L7EventHeader, join=_NAMES, skip=_HEADER_FIELDS - {
+            "role", "family", "transport", "lport", "rport", "tgid", *_NAMES})[1:]}))
+_BATCH_STATE = struct.Struct(struct_format(KsBatchInfo,
+                                           skip=frozenset({"conn_id", "_pad", "first"})))
+
+
+class _BatchLib:
+    """The batch calls of libksdrain.so. Bound through PyDLL, which keeps the GIL during a
+    call: Python reads the batches' table without a call, never while a drain writes it."""
+
+    def __init__(self, path: bytes) -> None:
+        # RTLD_NOLOAD: the copy already loaded, whose struct ks_ring the reader holds.
+        lib = ctypes.PyDLL(path.decode(), mode=os.RTLD_NOW | os.RTLD_NOLOAD, use_errno=True)
+        self.new = lib.ks_batches_new
+        self.new.restype = ctypes.c_void_p
+        self.new.argtypes = []
+        self.free = lib.ks_batches_free
+        self.free.restype = None
+        self.free.argtypes = [ctypes.c_void_p]
+        self.info = lib.ks_batches_info
+        self.info.restype = ctypes.c_void_p
+        self.info.argtypes = [ctypes.c_void_p]
+        self.max = ctypes.c_uint32.in_dll(lib, "ks_batches_max").value
+        self.group = lib.ks_ring_group_batches
+        self.group.restype = ctypes.c_long
+        self.group.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                               ctypes.c_size_t, ctypes.c_int64, ctypes.c_uint32,
+                               ctypes.c_uint32, ctypes.c_size_t, ctypes.c_void_p,
+                               ctypes.c_size_t, ctypes.POINTER(ctypes.c_uint64)]
+        self.message = lib.ks_batch_message
+        self.message.restype = ctypes.c_void_p
+        self.message.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_char_p,
+                                 ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)]
+
+
+_BATCH_LIBS: dict[bytes, _BatchLib] = {}
+
+
+def _batch_lib(reader: RingReader) -> tuple[_BatchLib, int]:
+    """The batch calls of the libksdrain.so ``reader`` opened its ring with, and that ring."""
+    opened = reader.drain_library
+    if opened is None:
+        raise ProbeError("GroupedDrain: the ring is not open through libksdrain.so")
+    path, ring = opened
+    key = str(path).encode()
+    if key not in _BATCH_LIBS:
+        _BATCH_LIBS[key] = _BatchLib(key)
+    return _BATCH_LIBS[key], ring
+
+
+def _oserror(call: str) -> ProbeError:
+    err = ctypes.get_errno()
+    return ProbeError(f"{call}: {os.strerror(err)}")
+
+
+class _HeldBatches:
+    """A struct ks_batches (bpf/drain.c): the buffers of the batches ks_ring_group_batches
+    opened and Python has not released yet, and their table (struct ks_batch_info), read in
+    place. Its drain and each of its batches refer to it, so it is freed after the last of
+    them."""
+
+    def __init__(self, lib: _BatchLib) -> None:
+        self.lib = lib
+        self.ptr: int | None = lib.new()
+        if not self.ptr:
+            raise ProbeError("ks_batches_new: out of memory")
+        self._table = memoryview(
+            (ctypes.c_char * (lib.max * ctypes.sizeof(KsBatchInfo))).from_address(
+                lib.info(self.ptr))).cast("B")
+        self._len = ctypes.c_size_t()
+        # Done with, for the next drain call to release (a list append is safe from any
+        # thread, and from __del__ while a drain call runs).
+        self.released: list[int] = []
+
+    def identity(self, batch_id: int) -> tuple[Any, ...]:
+        """(conn_id, role, family, transport, lport, rport, tgid, laddr + raddr + comm)."""
+        return _BATCH_IDENTITY.unpack_from(self._table, batch_id * _BATCH_IDENTITY.size)
+
+    def state(self, batch_id: int) -> tuple[int, ...]:
+        """(nevents, len, flags, srtt_us, retrans, tls_first, data, room), as of the latest
+        drain."""
+        return _BATCH_STATE.unpack_from(self._table, batch_id * _BATCH_STATE.size)
+
+    def message(self, batch_id: int, head: bytes) -> bytes:
+        """head + the batch's events: the one copy out of the buffer. Two calls that take
+        no converted arguments where the head fits in the room in front of the events (half
+        the cost of a bound call; it shows on connections with a few events a flush)."""
+        _, length, _, _, _, _, data, room = self.state(batch_id)
+        if len(head) <= room:
+            ctypes.memmove(data - len(head), head, len(head))
+            return ctypes.string_at(data - len(head), len(head) + length)
+        assert self.ptr is not None
+        ptr = self.lib.message(self.ptr, batch_id, head, len(head), ctypes.byref(self._len))
+        if not ptr:
+            raise _oserror("ks_batch_message")
+        return ctypes.string_at(ptr, self._len.value)
+
+    def __del__(self) -> None:
+        ptr, self.ptr = self.ptr, None
+        if ptr:
+            self._table.release()
+            self.lib.free(ptr)
+
+
+class HeldBatch(ConnectionBatch):
+    """A batch whose events libksdrain encoded into a buffer of its own, where they stay until
+    the message is made (``value``, one copy). Its counts and TCP health are read from there:
+    they are those of the latest drain call."""
+
+    __slots__ = ("_meta", "_held", "_id", "_final")
+
+    def __init__(self, conn_id: int, meta: dict[str, Any], held: _HeldBatches,
+                 batch_id: int) -> None:
+        super().__init__(conn_id)
+        self._meta = meta
+        self._held = held
+        self._id = batch_id  # -1 once released
+        self._final: tuple[int, ...] = ()  # state() at release
+
+    def _state(self) -> tuple[int, ...]:
+        return self._held.state(self._id) if self._id >= 0 else self._final
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        _, _, flags, srtt_us, retrans, tls_first, _, _ = self._state()
+        meta = self._meta
+        # The keys in the order the Python fallback adds them: as their first events came.
+        if flags & L7_FLAG_TLS and tls_first:
+            meta["tls"] = True
         if srtt_us:
-            batch.meta["srtt_us"], batch.meta["retrans"] = srtt_us, retrans
-        batch.add_encoded(bytes(data[start:start + length]), nevents)
-    return count
+            meta["srtt_us"], meta["retrans"] = srtt_us, retrans
+        if flags & L7_FLAG_TLS:
+            meta["tls"] = True
+        return meta
+
+    @property
+    def n(self) -> int:
+        return self._state()[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self._state()[1]
+
+    @property
+    def encoded(self) -> list[bytes]:
+        if self._id < 0:
+            raise ValueError("batch released: its events are gone")
+        return [self._held.message(self._id, b"")]
+
+    def value(self, head: bytes) -> bytes:
+        if self._id < 0:
+            raise ValueError("batch released: its events are gone")
+        return self._held.message(self._id, head)
+
+    def release(self) -> None:
+        if self._id >= 0:
+            self._final = self._held.state(self._id)
+            self._held.released.append(self._id)
+            self._id = -1
+
+    def __del__(self) -> None:
+        # A batch dropped without flush (tests, a failed flush) gives its buffer back too.
+        if getattr(self, "_id", -1) >= 0:
+            self._held.released.append(self._id)
 
 
 class GroupedDrain:
-    """The hot path with libksdrain.so: ks_ring_group's output buffers, and the loop that
-    empties the ring through them into per-connection batches. Each call encodes at most
-    ``groups_max`` runs and ``data_bytes`` of events; what does not fit waits in the ring
-    for the next call of the same loop."""
+    """The hot path with libksdrain.so: ks_ring_group_batches (bpf/drain.c) encodes each
+    event into the buffer of its connection's open batch, across calls, until Publisher.flush
+    makes the message from it or max_events/max_bytes seal it. Python sees a batch when it
+    is opened, not per event or per call. Each call encodes at most ``data_bytes`` and opens at
+    most ``groups_max`` batches; what does not fit waits in the ring for the next call of the
+    same loop."""
 
     def __init__(self, reader: RingReader, *, groups_max: int = GROUPS_MAX,
                  data_bytes: int = GROUP_DATA_BYTES) -> None:
-        self._reader = reader
-        self._groups = (KsGroup * groups_max)()
-        self._groups_view = memoryview(self._groups).cast("B")
-        self._data = ctypes.create_string_buffer(data_bytes)
-        self._data_view = memoryview(self._data).cast("B")
+        self._lib, self._ring = _batch_lib(reader)
+        self._held = _HeldBatches(self._lib)
+        self._opened = (ctypes.c_uint32 * groups_max)()
+        self._data_bytes = data_bytes
+        self._nrec = ctypes.c_uint64()
 
     def drain_into(self, open_batches: dict[int, ConnectionBatch],
                    sealed: list[ConnectionBatch], names: dict[bytes, tuple[str, str, str]], *,
                    offset_ns: int, max_events: int, max_bytes: int) -> int:
         """Everything committed now, into the batches; returns the number of events."""
+        held, group, nrec = self._held, self._lib.group, self._nrec
         total = 0
         while True:
-            ngroups, events = self._reader.group_into(
-                self._groups, len(self._groups), self._data, len(self._data),
-                offset_ns=offset_ns, max_events=max_events, max_bytes=max_bytes)
-            if not events:
+            released: Any = None
+            if held.released:  # taken whole: a __del__ may append meanwhile
+                held.released, ids = [], held.released
+                released = (ctypes.c_uint32 * len(ids))(*ids)
+            nopened = group(self._ring, held.ptr, released, len(released) if released else 0,
+                            offset_ns, max_events, max_bytes, self._data_bytes, self._opened,
+                            len(self._opened), ctypes.byref(nrec))
+            if nopened < 0:
+                raise _oserror("ks_ring_group_batches")
+            if not nrec.value:
                 return total
-            total += group_runs(self._groups_view, ngroups, self._data_view, open_batches,
-                                sealed, names, max_events, max_bytes)
+            total += nrec.value
+            # In the order of their first events, as the fallback opens them: a connection
+            # that already has a batch here had it sealed.
+            for batch_id in self._opened[:nopened]:
+                (conn_id, role, family, transport, lport, rport, tgid,
+                 raw) = held.identity(batch_id)
+                batch = open_batches.get(conn_id)
+                if batch is not None:
+                    sealed.append(batch)
+                open_batches[conn_id] = HeldBatch(conn_id, connection_meta(
+                    conn_id, role, family, transport, lport, rport, tgid,
+                    _names(names, family, raw)), held, batch_id)
+
+
+def pid_max() -> int:
+    """The kernel's largest process id + 1 (the per-tgid bitmaps are sized to it)."""
+    try:
+        return int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        return 1 << 22  # PID_MAX_LIMIT on 64-bit
 
 
 def _default_bpf_dir() -> Path:
@@ -489,14 +720,9 @@ class L7Probe:
 
     def start(self) -> None:
         """open → configure → load → attach. Raises ProbeLoadError / ProbeAttachError."""
-        obj = self._load()
+        _ensure_tracefs()
+        obj, hooks = self._load_and_attach()
         try:
-            self._obj = obj
-            # Exclusions go in before attach: not one event from an excluded process.
-            for tgid in sorted(self._excluded):
-                self.exclude_tgid(tgid)
-            _ensure_tracefs()
-            hooks = obj.attach_all()
             if self.tls:
                 self._tls = TlsProbes(obj, exclude=self._excluded)
                 self._tls.scan()
@@ -517,32 +743,60 @@ class L7Probe:
                  ", ".join(self.tls_libraries) or "none yet",
                  ", filtering everything" if self.filter_all else "")
 
-    def _load(self) -> BpfObject:
-        """The fast build if this kernel takes it, else the compat build (see bpf/Makefile)."""
+    def _load_and_attach(self) -> tuple[BpfObject, list[str]]:
+        """The fast build if this kernel loads and attaches it (its BTF tracepoint on
+        raw_syscalls:sys_exit is a tracing program, which some kernels refuse), else the
+        compat build (see bpf/Makefile)."""
         objects = [self.build] if self.build else list(BUILDS)
         for i, name in enumerate(objects):
-            obj = BpfObject.open(self.bpf_dir / name)
+            obj = self._load(name, last=i + 1 == len(objects))
+            if obj is None:
+                continue
             try:
-                obj.set_rodata({
-                    "capture_bytes": self.capture_bytes.to_bytes(4, "little"),
-                    "filter_all": bytes([self.filter_all]),
-                })
-                obj.resize_map("events", max_entries=self.ringbuf_bytes)
-                obj.load()
-            except ProbeLoadError as exc:
+                self._obj = obj
+                # Exclusions go in before attach: not one event from an excluded process.
+                for tgid in sorted(self._excluded):
+                    self.exclude_tgid(tgid)
+                return obj, obj.attach_all()
+            except ProbeAttachError as exc:
+                self._obj = None
                 obj.close()
                 if i + 1 == len(objects):
                     raise
-                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                log.warning("%s does not load on this kernel (%s); trying %s", name, first,
+                log.warning("%s does not attach on this kernel (%s); trying %s", name, exc,
                             objects[i + 1])
-                continue
             except BaseException:
+                self._obj = None
                 obj.close()
                 raise
-            self.build = name
-            return obj
         raise ProbeLoadError("no BPF object to load")  # unreachable: BUILDS is not empty
+
+    def _load(self, name: str, *, last: bool) -> BpfObject | None:
+        """Open and load one build; None if the kernel refuses it and another build is left
+        to try (the last one's refusal is raised, verifier log and all)."""
+        obj = BpfObject.open(self.bpf_dir / name)
+        try:
+            obj.set_rodata({
+                "capture_bytes": self.capture_bytes.to_bytes(4, "little"),
+                "filter_all": bytes([self.filter_all]),
+            })
+            obj.resize_map("events", max_entries=self.ringbuf_bytes)
+            for bits in ("excluded_tgids", "tls_tgids"):  # one bit per possible tgid
+                obj.resize_map(bits, max_entries=-(-pid_max() // 64))
+            obj.load()
+        except ProbeLoadError as exc:
+            obj.close()
+            if last:
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.warning("%s does not load on this kernel (%s); trying the next build", name,
+                        first)
+            return None
+        except BaseException:
+            obj.close()
+            raise
+        self.build = name
+        return obj
 
     def scan_tls(self) -> list[str]:
         """Probe the TLS libraries of processes started since the last scan (new paths)."""
@@ -556,7 +810,11 @@ class L7Probe:
         """Drop every event of this process in the kernel, from now on."""
         self._excluded.add(tgid)
         if self._obj is not None:
-            self._obj.map_update("excluded_tgids", tgid.to_bytes(4, "little"), b"\x01")
+            key = (tgid // 64).to_bytes(4, "little")
+            word = int.from_bytes(self._obj.map_lookup("excluded_tgids", key, 8) or bytes(8),
+                                  "little")
+            self._obj.map_update("excluded_tgids", key,
+                                 (word | 1 << tgid % 64).to_bytes(8, "little"))
 
     def close(self) -> None:
         """Detach all programs and free maps; safe to call twice."""

@@ -414,6 +414,7 @@ class _DrainLib:
     the l7 probe's records per connection as encoded msgpack events straight from the ring."""
 
     def __init__(self, path: Path) -> None:
+        self.path = path
         lib = ctypes.CDLL(str(path), use_errno=True)
         self.open = lib.ks_ring_open
         self.open.restype = _c_void_p
@@ -469,6 +470,15 @@ class RingReader:
             except OSError as exc:
                 raise ProbeMapError(str(exc)) from exc
             self.mode = "ctypes-callback"
+
+    @property
+    def drain_library(self) -> tuple[Path, int] | None:
+        """The libksdrain.so file the ring is open through and its struct ks_ring *, for
+        callers binding more of that library's calls (probe/l7.py GroupedDrain); None on the
+        ctypes-callback path."""
+        if self._lib is None or self._ring is None:
+            return None
+        return self._lib.path, self._ring
 
     def _on_sample(self, _ctx: int, data: int, size: int) -> int:
         self._chunks.append(size.to_bytes(4, "little") + ctypes.string_at(data, size))

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import msgpack
 from confluent_kafka import KafkaError, Message, Producer
 
-from .l7 import L7_FLAG_TLS, ConnectionBatch, connection_meta
+from .l7 import L7_FLAG_TLS, ConnectionBatch, EncodedBatch, connection_meta
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,9 @@ class Publisher:
         self._overflow: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self._overflow_max = overflow_max_batches
         self._seq = 0
+        # Every message's head up to its seq: the node and the probe do not change.
+        self._head = b"".join((b"\x86", _V, _ONE, _NODE, msgpack.packb(node), _PROBE,
+                               msgpack.packb(probe_id), _SEQ))
         self._clock = clock or (lambda: (time.time_ns(), time.monotonic_ns()))
         self.counters = collections.Counter[str]()
 
@@ -119,11 +122,12 @@ class Publisher:
             n += 1
             run = msgpack.packb([ev.kind, ev.ts_ns + offset, ev.size, ev.payload])
             batch = self.open.get(ev.conn_id)
-            if (batch is None or batch.n >= self.batch_max_events
+            if (batch is None or not isinstance(batch, EncodedBatch)
+                    or batch.n >= self.batch_max_events
                     or batch.nbytes + len(run) > self.batch_max_bytes):
                 if batch is not None:
                     self.sealed.append(batch)
-                batch = self.open[ev.conn_id] = ConnectionBatch(ev.conn_id, connection_meta(
+                batch = self.open[ev.conn_id] = EncodedBatch(ev.conn_id, connection_meta(
                     ev.conn_id, ev.role, ev.family, ev.transport, ev.lport, ev.rport, ev.tgid,
                     (ev.laddr, ev.raddr, ev.comm)))
             if ev.flags & L7_FLAG_TLS:
@@ -140,20 +144,24 @@ class Publisher:
         self.open, self.sealed = {}, []
         self._drain_overflow()
         for batch in batches:
-            self._produce(*self._encode(batch))
-            self.counters["events_published"] += batch.n
+            n = batch.n
+            key, value = self._encode(batch, n)
+            self.counters["events_published"] += n
+            batch.release()  # a held batch's buffer goes back to the drain, for the next
+            self._produce(key, value)
         self._producer.poll(0)
         return len(batches)
 
-    def _encode(self, batch: ConnectionBatch) -> tuple[bytes, bytes]:
-        # The events are already msgpack (encoded in C on the hot path): splice them into the
-        # map rather than decoding and re-encoding.
+    def _encode(self, batch: ConnectionBatch, n: int) -> tuple[bytes, bytes]:
+        # The events are already msgpack (encoded in C on the hot path): the batch puts them
+        # after the head rather than decoding and re-encoding; a held batch has room for the
+        # head in front of them, so its message is copied once, out of the drain's buffer.
+        meta = batch.meta
         if self._annotate is not None:
-            self._annotate(batch.meta)
-        value = b"".join((
-            b"\x86", _V, _ONE, _NODE, msgpack.packb(self._node), _PROBE,
-            msgpack.packb(self._probe_id), _SEQ, msgpack.packb(self._seq), _CONN,
-            msgpack.packb(batch.meta), _EVENTS, _array_header(batch.n), *batch.encoded))
+            self._annotate(meta)
+        value = batch.value(b"".join((
+            self._head, msgpack.packb(self._seq), _CONN, msgpack.packb(meta), _EVENTS,
+            _array_header(n))))
         self._seq += 1
         key = f"{self._node}/{self._probe_id}/{batch.conn_id}".encode()
         return key, value

@@ -96,8 +96,6 @@ class TlsProbes:
             self.failed[key] = "no SSL_read/SSL_write symbols"
             log.warning("TLS library %s (pid %d): no SSL_read/SSL_write to probe", path, pid)
             return None
-        if not self.libraries:
-            self._obj.map_update("tls_enabled", b"\0\0\0\0", (1).to_bytes(4, "little"))
         self.libraries[key] = path
         log.info("TLS: probing %s (first seen in pid %d, %d of %d functions)", path, pid,
                  attached, len(FUNCTIONS))

@@ -35,6 +35,7 @@ Configuration comes from ``kubesight.config.load()`` (``KUBESIGHT_CONFIG`` and
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -70,6 +71,8 @@ app = faust.App(
     broker=_broker_urls(config.kafka.bootstrap),
     broker_credentials=_credentials(),
     store="memory://",
+    # Faust makes <datadir>/v1/tables even for in-memory tables; default is ./<app id>-data
+    datadir=str(config.state_path / "streams" / config.streams.app_id),  # made by main()
     autodiscover=False,
     topic_partitions=config.kafka.partitions,
     topic_replication_factor=config.kafka.replication_factor,
@@ -123,5 +126,7 @@ def main() -> None:
     from faust.worker import Worker
 
     from . import agents  # noqa: F401  (registers agents and timers on ``app``)
+
+    Path(app.conf.datadir).parent.mkdir(parents=True, exist_ok=True)  # Faust makes one level
 
     Worker(app, loglevel=config.log_level.upper(), quiet=True).execute_from_commandline()

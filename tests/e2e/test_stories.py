@@ -224,13 +224,22 @@ def test_story_2_cpu_hog_is_named_by_its_pod(
                                  f"{pipe.diagnostics()}") from None
         assert (first["namespace"], first["workload"], first["pod_uid"]) == (
             ns, "cruncher", sandbox.uid)
-        procs = {dict(lab)["rank"]: (dict(lab), v) for lab, v in pipe.series(
-            "kubesight_top_process_cpu_cores", node=node).items()}
-        top_proc, cores = procs["1"]
+
+        def top_process() -> tuple[dict[str, str], float, float] | None:
+            # The first sample that names the pod may have seen the hog for part of its 5 s
+            # only: wait for one that covers it whole (the hog spins all along).
+            procs = {dict(lab)["rank"]: (dict(lab), v) for lab, v in pipe.series(
+                "kubesight_top_process_cpu_cores", node=node).items()}
+            busy = sum(pipe.series("kubesight_node_cpu_utilisation", node=node).values())
+            if "1" not in procs or procs["1"][1] <= 0.5:
+                return None
+            return procs["1"][0], procs["1"][1], busy
+
+        top_proc, cores, busy = wait_for("the hog at more than half a core", top_process,
+                                         timeout=30, interval=1.0)
         assert (top_proc["pid"], top_proc["comm"], top_proc["namespace"], top_proc["pod"]) == (
             str(hog.pid), "ks-cpu-hog", ns, pod_name)
-        busy = sum(pipe.series("kubesight_node_cpu_utilisation", node=node).values())
-        assert busy >= cores - 0.05 and cores > 0.5, (busy, cores)  # the node is busy with it
+        assert busy >= cores - 0.05, (busy, cores)  # the node is busy with it
     finally:
         hog.kill()
         hog.wait(timeout=10)

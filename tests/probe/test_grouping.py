@@ -19,6 +19,7 @@ from typing import Any
 import msgpack
 import pytest
 from kubesight.probe import l7, libbpf
+from kubesight.probe.publisher import Publisher
 
 SO = Path(__file__).resolve().parents[2] / "bpf" / "build" / "libksdrain.so"
 pytestmark = pytest.mark.skipif(not SO.exists(), reason="run `make bpf` to build libksdrain.so")
@@ -270,3 +271,184 @@ def test_empty_ring_gives_nothing(ring_factory: Any) -> None:
     _ring, reader = ring_factory(4096)
     assert Collector(reader, 512, 768 * 1024)() == 0
 
+
+
+# ---- batches held in libksdrain across drain calls (ks_ring_group_batches) ------------------
+
+
+class Produced:
+    """Stands in for the Kafka producer: keeps every (key, value) it is handed, in order."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[bytes, bytes]] = []
+
+    def produce(self, _topic: str, value: bytes, key: bytes, on_delivery: Any) -> None:
+        self.messages.append((key, value))
+
+    def poll(self, _timeout: float) -> int:
+        return 0
+
+
+def publisher() -> tuple[Publisher, Produced]:
+    out = Produced()
+    clock = lambda: (OFFSET_NS + 1_000, 1_000)  # noqa: E731 - offset = OFFSET_NS
+    return Publisher(producer=out, topic="t", node="n1", probe_id="p1", clock=clock), out  # type: ignore[arg-type]
+
+
+def mixed_records(n: int, seed: int, conns: int = 4) -> list[bytes]:
+    """Records whose metadata order varies by connection: TLS before or after the first RTT,
+    events without RTT (connect, close) last in a drain."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        conn = 1 + rng.randrange(conns)
+        out.append(record(conn, rng.choice([0, 40, 850, 300, 4096]), 10_000 + i, rng,
+                          flags=l7.L7_FLAG_TLS if rng.random() < 0.1 else 0,
+                          srtt_us=rng.choice([0, 0, 50, 120, 77])))
+    return out
+
+
+def held_messages(bodies: list[bytes], periods: list[int], max_events: int, max_bytes: int,
+                  ring: FakeRing, reader: libbpf.RingReader,
+                  drain_odds: float) -> list[tuple[bytes, bytes]]:
+    """Messages of the held-batch path: records pushed into the ring and drained at random
+    points (and when it is full), flushed after each period."""
+    drain = l7.GroupedDrain(reader)
+    pub, out = publisher()
+    rng = random.Random(12)
+    for start, end in zip([0, *periods], [*periods, len(bodies)], strict=True):
+        for body in bodies[start:end]:
+            if ring.free() < len(body) + 8 or rng.random() < drain_odds:
+                drain.drain_into(pub.open, pub.sealed, {}, offset_ns=OFFSET_NS,
+                                 max_events=max_events, max_bytes=max_bytes)
+            ring.push(body)
+        drain.drain_into(pub.open, pub.sealed, {}, offset_ns=OFFSET_NS, max_events=max_events,
+                         max_bytes=max_bytes)
+        pub.flush()
+    assert ring.consumer == ring.prod
+    return out.messages
+
+
+@pytest.mark.parametrize("max_events", [512, 7])
+def test_messages_spanning_drains_are_the_fallbacks(ring_factory: Any, max_events: int) -> None:
+    """Each connection's message grows over many drain calls and two flushes and is sealed
+    event by event where the Python fallback seals it, with the same metadata."""
+    bodies = mixed_records(900, seed=11)
+    ring, reader = ring_factory(64 * 1024, start=64 * 1024 - 40)
+    held = held_messages(bodies, [500], max_events, 768 * 1024, ring, reader, 0.05)
+    pub, out = publisher()
+    for period in (bodies[:500], bodies[500:]):
+        buf = b"".join(len(b).to_bytes(4, "little") + b for b in period)
+        l7.decode_grouped(buf, len(buf), OFFSET_NS, pub.open, pub.sealed, {}, max_events,
+                          768 * 1024)
+        pub.flush()
+    assert len(held) >= 8  # 4 connections, 2 flushes, and the splits
+    # Keys, and heads to the byte (meta keys in the same order); the events' bytes differ
+    # where C writes ts and size as 64-bit ints and packb in fewer bytes.
+    assert [(k, v[:v.index(b"\xa6events")], msgpack.unpackb(v)) for k, v in held] \
+        == [(k, v[:v.index(b"\xa6events")], msgpack.unpackb(v)) for k, v in out.messages]
+
+
+@pytest.mark.parametrize(("max_events", "max_bytes"), [(1000, 9_000), (7, 20_000)])
+def test_where_drain_calls_fall_does_not_change_the_messages(ring_factory: Any,
+                                                             max_events: int,
+                                                             max_bytes: int) -> None:
+    """Split at max_bytes (or max_events) across drain calls: byte for byte the messages of
+    one drain call per flush."""
+    bodies = mixed_records(900, seed=11)
+    ring, reader = ring_factory(64 * 1024, start=64 * 1024 - 40)
+    many = held_messages(bodies, [300, 500], max_events, max_bytes, ring, reader, 0.05)
+    ring, reader = ring_factory(4 << 20)
+    once = held_messages(bodies, [300, 500], max_events, max_bytes, ring, reader, 0.0)
+    assert len(many) > 3 * 4
+    assert many == once
+    for _key, value in many:
+        events = msgpack.unpackb(value)["events"]
+        assert len(events) <= max_events
+        encoded = len(value) - value.index(b"\xa6events") - 7 - (1 if len(events) < 16 else 3)
+        assert encoded <= max_bytes or len(events) == 1  # a first event may be bigger alone
+
+
+def test_split_at_max_bytes_between_drain_calls(ring_factory: Any) -> None:
+    rng = random.Random(13)
+    ring, reader = ring_factory(64 * 1024)
+    collect = Collector(reader, 512, 2_000)
+    for i in range(5):  # one event per call: 3 fit in 2,000 bytes, the 4th opens a batch
+        ring.push(record(1, 600, i, rng, payload=bytes([i]) * 600))
+        assert collect() == 1
+    assert [b.n for b in collect.batches] == [3, 2]
+    assert [b.nbytes for b in collect.batches] == [3 * 623, 2 * 623]  # 600 + 23 of msgpack
+    assert [[e[3][0] for e in evs] for evs in (events_per_conn([b])[1] for b in
+                                               collect.batches)] == [[0, 1, 2], [3, 4]]
+
+
+def test_released_batches_give_their_connection_a_new_one(ring_factory: Any) -> None:
+    """A flush releases every batch (and with them the connection table's entries, thousands,
+    in any order); the next events open new batches, none is lost or misfiled."""
+    rng = random.Random(14)
+    ring, reader = ring_factory(1 << 20)
+    drain = l7.GroupedDrain(reader)
+    pub, out = publisher()
+    conns = list(range(1, 3001))
+    for round_ in range(3):
+        rng.shuffle(conns)
+        for conn in conns:
+            ring.push(record(conn, 2, round_, rng, payload=round_.to_bytes(2, "big")))
+        assert drain.drain_into(pub.open, pub.sealed, {}, offset_ns=OFFSET_NS, max_events=512,
+                                max_bytes=768 * 1024) == 3000
+        assert not pub.sealed and len(pub.open) == 3000
+        if round_ == 1:  # dropped, not flushed: the batches give their buffers back too
+            pub.open.clear()
+            continue
+        for batch in rng.sample(list(pub.open.values()), 3000):  # release in random order
+            batch.release()
+        pub.open.clear()
+    assert drain.drain_into(pub.open, pub.sealed, {}, offset_ns=OFFSET_NS, max_events=512,
+                            max_bytes=768 * 1024) == 0
+    for conn in conns[:100]:
+        ring.push(record(conn, 2, 9, rng, payload=b"xy"))
+    drain.drain_into(pub.open, pub.sealed, {}, offset_ns=OFFSET_NS, max_events=512,
+                     max_bytes=768 * 1024)
+    assert pub.flush() == 100
+    assert sorted(int(key.rsplit(b"/", 1)[1]) for key, _ in out.messages) == sorted(conns[:100])
+    assert all(msgpack.unpackb(v)["events"][0][3] == b"xy" for _, v in out.messages)
+
+
+def test_a_head_longer_than_the_room_before_the_events(ring_factory: Any) -> None:
+    rng = random.Random(15)
+    ring, reader = ring_factory(64 * 1024)
+    for i in range(3):
+        ring.push(record(1, 100, i, rng))
+    collect = Collector(reader, 512, 768 * 1024)
+    assert collect() == 3
+    [batch] = collect.batches
+    [events] = batch.encoded
+    for head in (b"h" * 10, b"H" * 5000, b"h" * 10):  # the events move up once, and stay
+        assert batch.value(head) == head + events
+    batch.release()
+    with pytest.raises(ValueError, match="released"):
+        batch.value(b"")
+    assert batch.n == 3  # the counts as of the release
+
+
+def test_events_are_encoded_as_ks_ring_group_encodes_them(ring_factory: Any) -> None:
+    """The message's events are byte for byte the runs ks_ring_group wrote (the drain before
+    batches were held), here where one call takes every record."""
+    bodies = records(300, seed=16)
+    old_ring, old_reader = ring_factory(1 << 20)
+    new_ring, new_reader = ring_factory(1 << 20)
+    for body in bodies:
+        old_ring.push(body)
+        new_ring.push(body)
+    groups = (l7.KsGroup * 64)()
+    data = ctypes.create_string_buffer(4 << 20)
+    ngroups, events = old_reader.group_into(groups, 64, data, len(data), offset_ns=OFFSET_NS,
+                                            max_events=512, max_bytes=768 * 1024)
+    assert events == 300
+    runs = {g.conn_id: data.raw[g.data_off:g.data_off + g.data_len] for g in groups[:ngroups]}
+    collect = Collector(new_reader, 512, 768 * 1024)
+    assert collect() == 300
+    assert {b.conn_id: b"".join(b.encoded) for b in collect.batches} == runs
+    for batch in collect.batches:
+        head = b"head"
+        assert batch.value(head) == head + runs[batch.conn_id]

@@ -280,3 +280,35 @@ def test_a_kernel_refusing_the_fast_build_gets_the_compat_build(bpf_root: Path, 
         pid = curl(nginx.url())
         events = poll_until(probe, lambda evs: bool(of(evs, L7_CLOSE, {pid})))
     assert of(events, L7_DATA_IN, {pid})
+
+
+# Loads (a tracepoint program's hook is looked up only at attach) but cannot attach: stands in
+# for a kernel that loads the fast build's BTF tracepoint and refuses to attach it.
+UNATTACHABLE_PROGRAM = r"""
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+const volatile __u32 capture_bytes = 0;
+const volatile _Bool filter_all = 0;
+struct { __uint(type, BPF_MAP_TYPE_RINGBUF); __uint(max_entries, 4096); } events SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);
+         __type(key, __u32); __type(value, __u64); } excluded_tgids SEC(".maps");
+struct { __uint(type, BPF_MAP_TYPE_ARRAY); __uint(max_entries, 1);
+         __type(key, __u32); __type(value, __u64); } tls_tgids SEC(".maps");
+SEC("tp/syscalls/sys_enter_kubesight_no_such_syscall")
+int nowhere(void *ctx) { return capture_bytes + filter_all; }
+char LICENSE[] SEC("license") = "GPL";
+"""
+
+
+def test_a_kernel_refusing_to_attach_the_fast_build_gets_the_compat_build(
+        bpf_root: Path, nginx: Nginx, tmp_path: Path) -> None:
+    (tmp_path / "unattachable.bpf.c").write_text(UNATTACHABLE_PROGRAM)
+    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu",
+                    "-c", "unattachable.bpf.c", "-o", "l7.bpf.o"], cwd=tmp_path, check=True)
+    shutil.copy(bpf_root / "l7_compat.bpf.o", tmp_path)
+    shutil.copy(bpf_root / "libksdrain.so", tmp_path)
+    with L7Probe(bpf_dir=tmp_path) as probe:
+        assert probe.build == "l7_compat.bpf.o"
+        pid = curl(nginx.url())
+        events = poll_until(probe, lambda evs: bool(of(evs, L7_CLOSE, {pid})))
+    assert [e.payload[:12] for e in of(events, L7_DATA_IN, {pid})] == [b"HTTP/1.1 200"]

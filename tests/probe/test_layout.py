@@ -123,3 +123,14 @@ def test_group_struct_matches_the_drain_library(bpf_dir: Path) -> None:
     # The copied headers are the fixed part of struct l7_event, whose layout is tested above.
     assert l7.KsGroup.first.size == l7.KsGroup.last.size == ctypes.sizeof(l7.L7EventHeader)
     assert l7._GROUP.size == ctypes.sizeof(l7.KsGroup)
+
+
+def test_batch_info_struct_matches_the_drain_library(bpf_dir: Path) -> None:
+    """struct ks_batch_info (bpf/drain.c) against its ctypes mirror: size, then every offset."""
+    lib = ctypes.CDLL(str(bpf_dir / "libksdrain.so"))
+    fields = [name for name, _ in l7.KsBatchInfo._fields_]
+    layout = list((ctypes.c_uint32 * (1 + len(fields))).in_dll(lib, "ks_batch_info_layout"))
+    assert layout == [ctypes.sizeof(l7.KsBatchInfo)] + [getattr(l7.KsBatchInfo, f).offset
+                                                         for f in fields]
+    assert l7.KsBatchInfo.first.size == ctypes.sizeof(l7.L7EventHeader)
+    assert l7._BATCH_IDENTITY.size == l7._BATCH_STATE.size == ctypes.sizeof(l7.KsBatchInfo)
