@@ -170,12 +170,15 @@ def _wrk(url: str, seconds: float, cpu: int | None) -> WrkResult:
 
 
 def run_mode(mode: str, url: str, seconds: float, bootstrap: str, nginx_pid: int,
-             bpf_stats: bool = False, wrk_cpu: int | None = None) -> dict[str, Any]:
+             bpf_stats: bool = False, wrk_cpu: int | None = None,
+             repo: Path = REPO) -> dict[str, Any]:
+    """One round of one mode. ``repo``: the checkout whose probe runs (its own .venv)."""
     child = None
     if mode != "baseline":
-        child = subprocess.Popen([sys.executable, "-m", "bench.probe_overhead", "--child", mode,
+        python = sys.executable if repo == REPO else str(repo / ".venv" / "bin" / "python")
+        child = subprocess.Popen([python, "-m", "bench.probe_overhead", "--child", mode,
                                   "--bootstrap", bootstrap], stdout=subprocess.PIPE, text=True,
-                                 cwd=REPO)
+                                 cwd=repo)
         assert child.stdout is not None
         line = child.stdout.readline()
         if line.strip() != "ready":
@@ -218,6 +221,9 @@ def main() -> int:
     ap.add_argument("--unpinned", action="store_true",
                     help="let the scheduler place nginx and wrk (default: nginx on CPU 0, wrk "
                          "on CPU 1; unpinned, where they land moves throughput by +-20%%)")
+    ap.add_argument("--compare", type=Path, metavar="CHECKOUT",
+                    help="add a 'compare' mode: full capture by the probe of another checkout "
+                         "(set up with make setup), e.g. a clone of an older commit")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--bootstrap", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -248,6 +254,8 @@ def main() -> int:
         ensure_topics(cfg)
         bootstrap = broker.bootstrap
         modes.append("kafka")
+    if args.compare is not None:
+        modes.append("compare")
     nginx = Nginx(workdir)
     nginx.start()
     assert nginx.proc is not None
@@ -263,9 +271,13 @@ def main() -> int:
         wait_for("nginx", lambda: nginx.served() >= 0)
         wrk(nginx.url + "/", seconds=1)  # warm up
         for r in range(args.rounds):
-            for mode in modes:
-                res = run_mode(mode, nginx.url + "/", args.seconds, bootstrap, nginx.proc.pid,
-                               wrk_cpu=wrk_cpu)
+            # Each round in another order: whatever drifts within a round hits every mode.
+            for mode in modes[:1] + (modes[1:] if r % 2 == 0 else modes[:0:-1]):
+                repo = args.compare.resolve() if mode == "compare" else REPO
+                res = run_mode("capture" if mode == "compare" else mode, nginx.url + "/",
+                               args.seconds, bootstrap, nginx.proc.pid, wrk_cpu=wrk_cpu,
+                               repo=repo)
+                res["mode"] = mode
                 results[mode].append(res)
                 print(f"round {r + 1} {mode:<9} {res['rps']:>10,.0f} req/s", flush=True)
         if "capture" in modes:  # its own round: the kernel's accounting slows every program
@@ -277,13 +289,16 @@ def main() -> int:
         if broker is not None:
             broker.stop()
     base = statistics.median(x["rps"] for x in results["baseline"])
-    print("\nmode       median req/s   ratio to baseline   per-round ratios")
+    # Paired: each round's ratio to the baseline of the same round, then their geometric
+    # mean; steadier than a ratio of medians when the machine drifts between rounds.
+    print("\nmode       median req/s   ratio to baseline   paired (geomean)   per-round ratios")
     for mode in modes:
         rps = [x["rps"] for x in results[mode]]
         med = statistics.median(rps)
         per_round = [x["rps"] / b["rps"] for x, b in zip(results[mode], results["baseline"],
                                                          strict=True)]
         print(f"{mode:<10} {med:>12,.0f}   {med / base:>17.3f}   "
+              f"{statistics.geometric_mean(per_round):>16.3f}   "
               + " ".join(f"{p:.3f}" for p in per_round))
     # Throughput moves with everything else on the machine; CPU per request counts only
     # nginx, wrk and the probe, so it is the steadier measure of the same cost.
