@@ -268,18 +268,26 @@ def test_compat_build_captures_like_the_fast_build(bpf_root: Path, nginx: Nginx)
     assert [e.payload[:12] for e in of(events, L7_DATA_IN, {pid})] == [b"HTTP/1.1 200"]
 
 
-def test_a_kernel_refusing_the_fast_build_gets_the_compat_build(bpf_root: Path, nginx: Nginx,
-                                                                tmp_path: Path) -> None:
-    (tmp_path / "bad.bpf.c").write_text(BAD_PROGRAM)  # stands in for a refused fast build
+def fast_build_stand_in_falls_back(source: str, bpf_root: Path, nginx: Nginx,
+                                   tmp_path: Path) -> list[RawEvent]:
+    """Build ``source`` as the fast build next to the real compat build; the probe must end
+    up on the compat build and see curl's response. Returns curl's data-in events."""
+    (tmp_path / "stand_in.bpf.c").write_text(source)
     subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu",
-                    "-c", "bad.bpf.c", "-o", "l7.bpf.o"], cwd=tmp_path, check=True)
+                    "-c", "stand_in.bpf.c", "-o", "l7.bpf.o"], cwd=tmp_path, check=True)
     shutil.copy(bpf_root / "l7_compat.bpf.o", tmp_path)
     shutil.copy(bpf_root / "libksdrain.so", tmp_path)
     with L7Probe(bpf_dir=tmp_path) as probe:
         assert probe.build == "l7_compat.bpf.o"
         pid = curl(nginx.url())
         events = poll_until(probe, lambda evs: bool(of(evs, L7_CLOSE, {pid})))
-    assert of(events, L7_DATA_IN, {pid})
+    return of(events, L7_DATA_IN, {pid})
+
+
+def test_a_kernel_refusing_the_fast_build_gets_the_compat_build(bpf_root: Path, nginx: Nginx,
+                                                                tmp_path: Path) -> None:
+    received = fast_build_stand_in_falls_back(BAD_PROGRAM, bpf_root, nginx, tmp_path)
+    assert [e.payload[:12] for e in received] == [b"HTTP/1.1 200"]
 
 
 # Loads (a tracepoint program's hook is looked up only at attach) but cannot attach: stands in
@@ -302,13 +310,5 @@ char LICENSE[] SEC("license") = "GPL";
 
 def test_a_kernel_refusing_to_attach_the_fast_build_gets_the_compat_build(
         bpf_root: Path, nginx: Nginx, tmp_path: Path) -> None:
-    (tmp_path / "unattachable.bpf.c").write_text(UNATTACHABLE_PROGRAM)
-    subprocess.run(["clang", "-O2", "-g", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu",
-                    "-c", "unattachable.bpf.c", "-o", "l7.bpf.o"], cwd=tmp_path, check=True)
-    shutil.copy(bpf_root / "l7_compat.bpf.o", tmp_path)
-    shutil.copy(bpf_root / "libksdrain.so", tmp_path)
-    with L7Probe(bpf_dir=tmp_path) as probe:
-        assert probe.build == "l7_compat.bpf.o"
-        pid = curl(nginx.url())
-        events = poll_until(probe, lambda evs: bool(of(evs, L7_CLOSE, {pid})))
-    assert [e.payload[:12] for e in of(events, L7_DATA_IN, {pid})] == [b"HTTP/1.1 200"]
+    received = fast_build_stand_in_falls_back(UNATTACHABLE_PROGRAM, bpf_root, nginx, tmp_path)
+    assert [e.payload[:12] for e in received] == [b"HTTP/1.1 200"]
