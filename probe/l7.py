@@ -809,12 +809,23 @@ class L7Probe:
     def exclude_tgid(self, tgid: int) -> None:
         """Drop every event of this process in the kernel, from now on."""
         self._excluded.add(tgid)
-        if self._obj is not None:
-            key = (tgid // 64).to_bytes(4, "little")
-            word = int.from_bytes(self._obj.map_lookup("excluded_tgids", key, 8) or bytes(8),
-                                  "little")
-            self._obj.map_update("excluded_tgids", key,
-                                 (word | 1 << tgid % 64).to_bytes(8, "little"))
+        self._set_excluded_bit(tgid, True)
+
+    def include_tgid(self, tgid: int) -> None:
+        """Undo exclude_tgid: for a process that exited, so that the next one given its pid
+        is traced."""
+        self._excluded.discard(tgid)
+        self._set_excluded_bit(tgid, False)
+
+    def _set_excluded_bit(self, tgid: int, on: bool) -> None:
+        if self._obj is None:
+            return
+        key = (tgid // 64).to_bytes(4, "little")
+        word = int.from_bytes(self._obj.map_lookup("excluded_tgids", key, 8) or bytes(8),
+                              "little")
+        bit = 1 << tgid % 64
+        word = word | bit if on else word & ~bit
+        self._obj.map_update("excluded_tgids", key, word.to_bytes(8, "little"))
 
     def close(self) -> None:
         """Detach all programs and free maps; safe to call twice."""

@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -142,11 +143,20 @@ class ProbeRunner:
         return node.read_pidfiles(state / "run") | node.read_pidfiles(state / "kafka")
 
     def _refresh_exclusions(self) -> None:
-        for tgid in self._own_pids() - self._excluded:
+        own = self._own_pids()
+        for tgid in own - self._excluded:
             self._kernel.exclude_tgid(tgid)
             if self._tcp is not None:
                 self._tcp.exclude_tgid(tgid)
             self._excluded.add(tgid)
+        # A kubesight process that exited gives its pid back: whoever gets it next is traced.
+        for tgid in self._excluded - own - {os.getpid()}:
+            if Path(f"/proc/{tgid}").exists():
+                continue  # still running (its pid file was removed first, say)
+            self._kernel.include_tgid(tgid)
+            if self._tcp is not None:
+                self._tcp.include_tgid(tgid)
+            self._excluded.discard(tgid)
 
     def _publish_listeners(self) -> None:
         topic = self.config.topic("meta.v1")

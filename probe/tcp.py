@@ -285,6 +285,12 @@ class TcpProbe:
         if self._obj is not None:
             self._obj.map_update("excluded_tgids", tgid.to_bytes(4, "little"), b"\x01")
 
+    def include_tgid(self, tgid: int) -> None:
+        """Undo exclude_tgid (the process exited; its pid may be given to another)."""
+        self._excluded.discard(tgid)
+        if self._obj is not None:
+            self._obj.map_delete("excluded_tgids", tgid.to_bytes(4, "little"))
+
     def learn_listener(self, port: int, tgid: int, comm: str, *, netns: int | None = None
                        ) -> None:
         """Who listens on ``port`` (of this network namespace unless ``netns`` says): for

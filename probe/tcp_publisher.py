@@ -141,6 +141,9 @@ class TcpPublisher:
     def exclude_tgid(self, tgid: int) -> None:
         self.probe.exclude_tgid(tgid)
 
+    def include_tgid(self, tgid: int) -> None:
+        self.probe.include_tgid(tgid)
+
     def learn_listeners(self, listeners: Iterable[node.Listener]) -> None:
         """Listeners found in /proc (this network namespace): names for passive connections
         whose listener the kernel never saw call listen()."""

@@ -178,11 +178,19 @@ def test_excluded_processes_emit_nothing(bpf_root: Path, nginx: Nginx) -> None:
         after = curl(nginx.url())
         events += poll_until(probe, lambda evs: bool(of(evs, L7_CLOSE, {after})))
 
+        # Included again (an excluded process exited and its pid went to another): seen.
+        probe.include_tgid(next(iter(nginx.workers)))
+        again = curl(nginx.url())
+        events += poll_until(probe, lambda evs: bool(of(evs, L7_CLOSE, {again})))
+
     assert of(events, L7_DATA_IN, {after})  # curl itself is still seen
     late = [e for e in events if e.tgid in nginx.workers and e.rport in
             {c.lport for c in of(events, L7_CONNECT, {after})}]
     assert late == []
     assert not [e for e in events if e.tgid == nginx.master]
+    again_port = {c.lport for c in of(events, L7_CONNECT, {again})}
+    assert [e.payload[:4] for e in of(events, L7_DATA_IN, nginx.workers)
+            if e.rport in again_port] == [b"GET "]
 
 
 def test_wrk_load_loses_no_request(bpf_root: Path, nginx: Nginx) -> None:
