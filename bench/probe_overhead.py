@@ -9,6 +9,11 @@ Modes, alternated round by round so drift in the machine hits all of them alike:
              discards them (the broker's own cost is left out: in production it is remote)
   kafka      full capture produced for real to a local broker on the same two cores
              (only with --kafka; the broker then competes with nginx and wrk for CPU)
+  bare       (only with --modes ...,bare) the least any capture does: a benchmark-only build
+             (bpf/build/l7_bare.bpf.o) whose exit program, once it has found the socket, puts
+             a record of kind, size and payload prefix in the ring and nothing else (no
+             connection identity, addresses, process name, TCP health); the reader drains and
+             drops them. What full capture costs beyond it is what its features cost.
 
 nginx (one worker) runs on the first CPU and wrk (one thread, 16 connections) on the second;
 the probe is not pinned. Unpinned (--unpinned), where the scheduler puts them moves throughput
@@ -79,6 +84,9 @@ def _probe_child(mode: str, bootstrap: str) -> None:
 
     defaults = ProbeConfig()  # measure what kubesight runs with
     ringbuf = int(os.environ.get("KS_BENCH_RINGBUF", defaults.ringbuf_bytes))
+    if mode == "bare":
+        _bare_child(defaults.capture_bytes, ringbuf, lambda: stop)
+        return
     probe = L7Probe(capture_bytes=defaults.capture_bytes, ringbuf_bytes=ringbuf,
                     filter_all=(mode == "filtered"))
     producer: Any
@@ -110,6 +118,32 @@ def _probe_child(mode: str, bootstrap: str) -> None:
     if mode == "kafka":
         producer.flush(60)
     stats = {"kernel": probe.counters(), "publisher": publisher.stats(),
+             "cpu_s": time.process_time() - cpu0}
+    probe.close()
+    print(json.dumps(stats), flush=True)
+
+
+def _bare_child(capture_bytes: int, ringbuf: int, stopped: Any) -> None:
+    """Mode ``bare``: the benchmark-only build, drained and dropped on the same timer."""
+    from kubesight.probe.l7 import DIRECT_RECORDS_KFUNC, L7Probe
+    from kubesight.probe.libbpf import kernel_has_kfunc
+
+    from kubesight.config import ProbeConfig
+
+    if not kernel_has_kfunc(DIRECT_RECORDS_KFUNC):
+        print(f"mode bare needs {DIRECT_RECORDS_KFUNC} (Linux >= 6.16)", flush=True)
+        return
+    probe = L7Probe(capture_bytes=capture_bytes, ringbuf_bytes=ringbuf, tls=False,
+                    build="l7_bare.bpf.o")
+    probe.start()
+    print("ready", flush=True)
+    cpu0 = time.process_time()
+    events = 0
+    while not stopped():
+        events += probe.discard()
+        time.sleep(ProbeConfig().poll_interval_ms / 1000)
+    events += probe.discard()
+    stats = {"kernel": {"events": events, "ringbuf_drops": probe.counters()["ringbuf_drops"]},
              "cpu_s": time.process_time() - cpu0}
     probe.close()
     print(json.dumps(stats), flush=True)
@@ -217,7 +251,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--kafka", action="store_true", help="add the produce-to-local-broker mode")
     ap.add_argument("--modes", default="baseline,filtered,capture",
-                    help="comma-separated subset of baseline,filtered,capture (default: all)")
+                    help="comma-separated: baseline plus any of filtered,capture,bare "
+                         "(default: baseline,filtered,capture)")
     ap.add_argument("--unpinned", action="store_true",
                     help="let the scheduler place nginx and wrk (default: nginx on CPU 0, wrk "
                          "on CPU 1; unpinned, where they land moves throughput by +-20%%)")
@@ -234,9 +269,11 @@ def main() -> int:
         print("probe overhead needs root (BPF)", file=sys.stderr)
         return 2
     modes = [m for m in args.modes.split(",") if m]
-    if not modes or "baseline" not in modes or set(modes) - {"baseline", "filtered", "capture"}:
-        print("--modes: baseline plus any of filtered,capture", file=sys.stderr)
+    if not modes or "baseline" not in modes or set(modes) - {"baseline", "filtered", "capture",
+                                                             "bare"}:
+        print("--modes: baseline plus any of filtered,capture,bare", file=sys.stderr)
         return 2
+    modes = ["baseline", *dict.fromkeys(m for m in modes if m != "baseline")]  # ratios to [0]
     broker = None
     bootstrap = ""
     workdir = Path(tempfile.mkdtemp(prefix="ks-bench-"))

@@ -828,6 +828,38 @@ static __always_inline bool send_failed_dead(enum l7_kind kind, long ret)
 	return kind == L7_DATA_OUT && (ret == -EPIPE || ret == -ECONNRESET);
 }
 
+#ifdef L7_BARE
+/* Benchmark build only (bpf/build/l7_bare.bpf.o, bench/probe_overhead.py mode `bare`): the
+ * least any capture does for a TCP send or receive, to measure the rest against. A record of
+ * kind, size and payload prefix: no connection identity, addresses, process name or TCP
+ * health. Needs records written in place (Linux >= 6.16). */
+static __always_inline int bare_event(const struct l7_args *args, long ret)
+{
+	struct l7_out out;
+	struct l7_event *ev;
+	__u64 want = capture_len((__u64)ret);
+
+	if (!direct_records())
+		return 0;
+	if (bpf_ringbuf_reserve_dynptr(&events, L7_HEAD_LEN + want, 0, &out.rec)) {
+		bpf_ringbuf_discard_dynptr(&out.rec, BPF_RB_NO_WAKEUP);
+		count(L7_CNT_RINGBUF_DROPS);
+		return 0;
+	}
+	ev = bpf_dynptr_data(&out.rec, 0, L7_HEAD_LEN);
+	if (!ev) {
+		bpf_ringbuf_discard_dynptr(&out.rec, BPF_RB_NO_WAKEUP);
+		return 0;
+	}
+	out.ev = ev;
+	ev->kind = args->kind;
+	ev->size = ret;
+	ev->cap_len = copy_message(&out, args->buf, args->iovcnt, want);
+	bpf_ringbuf_submit_dynptr(&out.rec, BPF_RB_NO_WAKEUP);
+	return 0;
+}
+#endif
+
 /* A data syscall on an inet socket returned ret: send what it moved. */
 static __always_inline int data_exit(const struct l7_args *args, __u64 id, long ret, __u64 ts)
 {
@@ -849,6 +881,10 @@ static __always_inline int data_exit(const struct l7_args *args, __u64 id, long 
 	dead = send_failed_dead(args->kind, ret);
 	if (ret <= 0 && !dead)
 		return 0;
+#ifdef L7_BARE
+	if (ret > 0)
+		return bare_event(args, ret);
+#endif
 	conn = bpf_map_lookup_elem(&conns, &args->sk);
 	if (!conn) {
 		/* Open before the probe started: role unknown, identity from now on. */
@@ -898,13 +934,17 @@ static __always_inline int on_data_exit(long ret)
 }
 
 #ifndef L7_COMPAT
-/* --- Fast build: one exit program for the data syscalls ---------------------------------
+/* --- Fast build: data where the socket layer reports it -------------------------------
  *
  * The compat build runs two programs per read or write: the entry program finds the socket
- * and stashes the arguments, the exit program takes them back. Here one BTF tracepoint on
- * raw_syscalls:sys_exit does it all: the arguments are still in the task's saved registers
- * when the syscall returns (read/write do not change them), so there is no entry program, no
- * stash, and nothing at all for the calls that moved no data (EAGAIN reads cost two compares).
+ * and stashes the arguments, the exit program takes them back. Here the BTF tracepoints
+ * sock:sock_send_length and sock:sock_recv_length, which fire in sock_sendmsg/sock_recvmsg as
+ * each send or receive returns, hand over the struct sock itself:
+ *   - nothing runs for syscalls that do not touch a socket (a node's file I/O, epoll,
+ *     futexes: a program on raw_syscalls:sys_exit ran for every one of them);
+ *   - no fd-table walk to find the socket;
+ *   - the syscall's arguments (fd, buffer, iovecs, msghdr) are still in the task's saved
+ *     registers, so there is no entry program and no stash.
  * The price: a send's timestamp is when it returned, not when it was called. */
 #if defined(__TARGET_ARCH_x86)
 #define KS_NR_read	0
@@ -946,96 +986,122 @@ static __always_inline int on_data_exit(long ret)
 #error "fast build: syscall numbers and registers for this architecture are missing"
 #endif
 
-/* What the compat build's entry programs did, done at exit: filter, find the socket, and
- * for sendmsg/recvmsg (msgp != 0) read the msghdr. */
-static __always_inline int fast_data_exit(struct l7_args *args, long ret, __u64 msgp)
+#define PF_KTHREAD	0x00200000	/* task_struct.flags: a kernel thread */
+
+/* One send (send == true) or receive on sk returned ret, inside the current task's syscall.
+ * Cheapest tests first: every socket operation on the node comes here (AF_UNIX, netlink, and
+ * the EAGAIN reads of every event loop). */
+static __always_inline int sock_data(struct sock *sk, long ret, bool send)
 {
-	__u64 id = bpf_get_current_pid_tgid();
+	struct task_struct *task;
+	struct pt_regs *regs;
 	struct user_msghdr msg;
-	struct sock *sk;
-
-	if (!traced(id))
-		return 0;
-	sk = inet_sock_of_fd(args->fd, &args->transport);
-	if (!sk)
-		return 0;
-	if (args->transport == L7_TCP && inside_tls_call(id, sk))
-		return 0;
-	if (msgp) {
-		if (bpf_probe_read_user(&msg, sizeof(msg), (const void *)msgp))
-			return 0;
-		args->buf = (__u64)msg.msg_iov;
-		args->iovcnt = msg.msg_iovlen;
-		args->name = (__u64)msg.msg_name;
-	}
-	args->sk = (__u64)sk;
-	return data_exit(args, id, ret, bpf_ktime_get_ns());
-}
-
-SEC("tp_btf/sys_exit")
-int BPF_PROG(sys_exit_data, struct pt_regs *regs, long ret)
-{
-	struct l7_args args = {};
-	__u64 msgp = 0;
+	enum l7_kind kind;
+	__u64 id, buf = 0, len = 0, name = 0, msgp = 0;
+	__u32 iovcnt = 0;
+	__u16 family, proto;
 
 	if (filter_all)
 		return 0;
-	/* Every syscall of every process comes here: the cheapest tests first. */
 	if (ret <= 0 && ret != -EPIPE && ret != -ECONNRESET)
 		return 0;
+	family = sk->__sk_common.skc_family;
+	proto = sk->sk_protocol;
+	if ((family != AF_INET && family != AF_INET6) ||
+	    (proto != IPPROTO_TCP && proto != IPPROTO_UDP))
+		return 0;	/* AF_UNIX, netlink, raw: not TCP or UDP over IP */
+	/* Sockets the kernel opened for itself (NFS, iSCSI, ...) are used inside some other
+	 * task's syscall: the saved registers are not about them. */
+	if (BPF_CORE_READ_BITFIELD(sk, sk_kern_sock))
+		return 0;
+	task = bpf_get_current_task_btf();
+	if (task->flags & PF_KTHREAD)
+		return 0;
+	regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	/* Which syscall: sendmmsg/recvmmsg (their own programs), sendfile, splice and io_uring
+	 * reach the socket layer too, with arguments of another shape: not these. */
 	switch (sc_nr(regs)) {
 	case KS_NR_read:	/* read(fd, buf, count) */
-		args.kind = L7_DATA_IN;
-		args.buf = sc_arg1(regs);
+		kind = L7_DATA_IN;
+		buf = sc_arg1(regs);
 		break;
 	case KS_NR_write:	/* write(fd, buf, count) */
-		args.kind = L7_DATA_OUT;
-		args.buf = sc_arg1(regs);
-		args.len = sc_arg2(regs);
+		kind = L7_DATA_OUT;
+		buf = sc_arg1(regs);
+		len = sc_arg2(regs);
 		break;
 	case KS_NR_readv:	/* readv(fd, iov, iovcnt) */
-		args.kind = L7_DATA_IN;
-		args.buf = sc_arg1(regs);
-		args.iovcnt = sc_arg2(regs);
+		kind = L7_DATA_IN;
+		buf = sc_arg1(regs);
+		iovcnt = sc_arg2(regs);
 		break;
 	case KS_NR_writev:
-		args.kind = L7_DATA_OUT;
-		args.buf = sc_arg1(regs);
-		args.iovcnt = sc_arg2(regs);
+		kind = L7_DATA_OUT;
+		buf = sc_arg1(regs);
+		iovcnt = sc_arg2(regs);
 		break;
 	case KS_NR_sendto:	/* sendto(fd, buf, len, flags, dest_addr, addrlen) */
-		args.kind = L7_DATA_OUT;
-		args.buf = sc_arg1(regs);
-		args.len = sc_arg2(regs);
-		args.name = sc_arg4(regs);
+		kind = L7_DATA_OUT;
+		buf = sc_arg1(regs);
+		len = sc_arg2(regs);
+		name = sc_arg4(regs);
 		break;
 	case KS_NR_recvfrom:	/* recvfrom(fd, buf, len, flags, src_addr, addrlen) */
 		/* MSG_PEEK leaves the data queued: it will be read again. */
 		if (sc_arg3(regs) & MSG_PEEK)
 			return 0;
-		args.kind = L7_DATA_IN;
-		args.buf = sc_arg1(regs);
-		args.name = sc_arg4(regs);
+		kind = L7_DATA_IN;
+		buf = sc_arg1(regs);
+		name = sc_arg4(regs);
 		break;
 	case KS_NR_sendmsg:	/* sendmsg(fd, msg, flags) */
-		args.kind = L7_DATA_OUT;
+		kind = L7_DATA_OUT;
 		msgp = sc_arg1(regs);
 		break;
 	case KS_NR_recvmsg:
 		if (sc_arg2(regs) & MSG_PEEK)
 			return 0;
-		args.kind = L7_DATA_IN;
+		kind = L7_DATA_IN;
 		msgp = sc_arg1(regs);
 		break;
 	default:
 		return 0;
 	}
-	if (ret <= 0 && !send_failed_dead(args.kind, ret))
+	if ((kind == L7_DATA_OUT) != send)
+		return 0;	/* the socket layer and the syscall disagree: not this socket's call */
+	if (ret <= 0 && !send_failed_dead(kind, ret))
 		return 0;
 	if (!sc_native(regs))
 		return 0;
-	args.fd = sc_arg0(regs);
-	return fast_data_exit(&args, ret, msgp);
+	id = bpf_get_current_pid_tgid();
+	if (!traced(id))
+		return 0;
+	if (proto == IPPROTO_TCP && inside_tls_call(id, sk))
+		return 0;
+	if (msgp) {
+		if (bpf_probe_read_user(&msg, sizeof(msg), (const void *)msgp))
+			return 0;
+		buf = (__u64)msg.msg_iov;
+		iovcnt = msg.msg_iovlen;
+		name = (__u64)msg.msg_name;
+	}
+	struct l7_args args = {
+		.kind = kind, .fd = sc_arg0(regs), .sk = (__u64)sk, .buf = buf, .len = len,
+		.iovcnt = iovcnt, .name = name, .transport = proto,
+	};
+	return data_exit(&args, id, ret, bpf_ktime_get_ns());
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(sock_send_data, struct sock *sk, int ret, int flags)
+{
+	return sock_data(sk, ret, true);
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(sock_recv_data, struct sock *sk, int ret, int flags)
+{
+	return sock_data(sk, ret, false);
 }
 #endif /* !L7_COMPAT */
 

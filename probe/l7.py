@@ -744,9 +744,9 @@ class L7Probe:
                  ", filtering everything" if self.filter_all else "")
 
     def _load_and_attach(self) -> tuple[BpfObject, list[str]]:
-        """The fast build if this kernel loads and attaches it (its BTF tracepoint on
-        raw_syscalls:sys_exit is a tracing program, which some kernels refuse), else the
-        compat build (see bpf/Makefile)."""
+        """The fast build if this kernel loads and attaches it (its BTF tracepoints on
+        sock:sock_{send,recv}_length are tracing programs, which some kernels refuse), else
+        the compat build (see bpf/Makefile)."""
         objects = [self.build] if self.build else list(BUILDS)
         for i, name in enumerate(objects):
             obj = self._load(name, last=i + 1 == len(objects))
@@ -757,7 +757,9 @@ class L7Probe:
                 # Exclusions go in before attach: not one event from an excluded process.
                 for tgid in sorted(self._excluded):
                     self.exclude_tgid(tgid)
-                return obj, obj.attach_all()
+                hooks = obj.attach_all()
+                self.build = name
+                return obj, hooks
             except ProbeAttachError as exc:
                 self._obj = None
                 obj.close()
@@ -795,7 +797,6 @@ class L7Probe:
         except BaseException:
             obj.close()
             raise
-        self.build = name
         return obj
 
     def scan_tls(self) -> list[str]:
@@ -884,6 +885,13 @@ class L7Probe:
 
         self._reader.drain(decode)
         return total
+
+    def discard(self) -> int:
+        """Drain every available event and drop it; returns how many. The least a reader can
+        do (bench/probe_overhead.py mode ``bare``)."""
+        if self._reader is None:
+            raise ProbeError("discard() before start()")
+        return self._reader.drain(lambda _view, _used: None)
 
     def _decode(self, view: memoryview, used: int) -> None:
         if len(self._names) > _NAMES_CACHE_MAX:

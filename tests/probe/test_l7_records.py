@@ -88,7 +88,7 @@ def drain_until(probe: L7Probe, drained: Drained, tgids: set[int], kind: int,
 
 def test_fast_build_writes_events_in_place_where_the_kernel_can(bpf_root: Path) -> None:
     with L7Probe(bpf_dir=bpf_root) as probe:
-        calls = helper_calls(probe, "tp_btf/sys_exit")
+        calls = helper_calls(probe, "tp_btf/sock_recv_length")
     in_place = kernel_has_kfunc(DIRECT_RECORDS_KFUNC)
     assert probe.events_in_place == in_place
     assert ("bpf_ringbuf_reserve_dynptr" in calls) == in_place
@@ -108,7 +108,7 @@ def test_fast_build_without_the_kfunc_builds_events_in_scratch(bpf_root: Path, n
     shutil.copy(bpf_root / "libksdrain.so", tmp_path)
     drained = Drained()
     with L7Probe(bpf_dir=tmp_path, build="l7.bpf.o") as probe:
-        calls = helper_calls(probe, "tp_btf/sys_exit")
+        calls = helper_calls(probe, "tp_btf/sock_recv_length")
         pid = curl(nginx.url())
         drain_until(probe, drained, {pid}, L7_CLOSE)
     assert "bpf_ringbuf_output" in calls and "bpf_ringbuf_reserve_dynptr" not in calls
