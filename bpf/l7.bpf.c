@@ -1085,6 +1085,12 @@ static __always_inline int sock_data(struct sock *sk, long ret, bool send)
 		iovcnt = msg.msg_iovlen;
 		name = (__u64)msg.msg_name;
 	}
+	if (proto == IPPROTO_UDP && !send && name) {
+		/* The sender's address reaches name only after the socket layer returns: the
+		 * datagram is sent from the syscall's exit (exit_recvfrom, exit_recvmsg). */
+		stash(id, kind, sc_arg0(regs), sk, buf, iovcnt, len, proto, name, 0);
+		return 0;
+	}
 	struct l7_args args = {
 		.kind = kind, .fd = sc_arg0(regs), .sk = (__u64)sk, .buf = buf, .len = len,
 		.iovcnt = iovcnt, .name = name, .transport = proto,
@@ -1331,7 +1337,7 @@ static __always_inline int on_close_enter(int fd)
 #define ENTER struct trace_event_raw_sys_enter
 #define EXIT  struct trace_event_raw_sys_exit
 
-#ifdef L7_COMPAT	/* the fast build has sys_exit_data instead */
+#ifdef L7_COMPAT	/* the fast build has sock_send_data and sock_recv_data instead */
 SEC("tp/syscalls/sys_enter_read")
 int enter_read(ENTER *ctx)
 { return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], 0, 0, 0, 0); }
@@ -1376,8 +1382,6 @@ int enter_recvfrom(ENTER *ctx)
 		return 0;
 	return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], 0, 0, ctx->args[4], 0);
 }
-SEC("tp/syscalls/sys_exit_recvfrom")
-int exit_recvfrom(EXIT *ctx) { return on_data_exit(ctx->ret); }
 
 SEC("tp/syscalls/sys_enter_sendmsg")
 int enter_sendmsg(ENTER *ctx) { return on_msg_enter(L7_DATA_OUT, ctx->args[0], ctx->args[1]); }
@@ -1392,9 +1396,15 @@ int enter_recvmsg(ENTER *ctx)
 		return 0;
 	return on_msg_enter(L7_DATA_IN, ctx->args[0], ctx->args[1]);
 }
+#endif
+
+/* Both builds: a stashed recvfrom/recvmsg is sent when the syscall returns, because only then
+ * has the kernel copied the sender's address to src_addr / msg_name (the fast build stashes
+ * UDP receives that name one, and nothing else, in sock_data). */
+SEC("tp/syscalls/sys_exit_recvfrom")
+int exit_recvfrom(EXIT *ctx) { return on_data_exit(ctx->ret); }
 SEC("tp/syscalls/sys_exit_recvmsg")
 int exit_recvmsg(EXIT *ctx) { return on_data_exit(ctx->ret); }
-#endif
 
 SEC("tp/syscalls/sys_enter_connect")
 int enter_connect(ENTER *ctx)

@@ -320,3 +320,47 @@ def test_a_kernel_refusing_to_attach_the_fast_build_gets_the_compat_build(
         bpf_root: Path, nginx: Nginx, tmp_path: Path) -> None:
     received = fast_build_stand_in_falls_back(UNATTACHABLE_PROGRAM, bpf_root, nginx, tmp_path)
     assert [e.payload[:12] for e in received] == [b"HTTP/1.1 200"]
+
+
+# One process: a UDP "server" socket receiving from two client sockets, with recvfrom and
+# recvmsg, then answering each with sendto. Prints the ports as JSON once done.
+UDP_PEERS = r"""
+import json, socket, struct
+query = (struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+         + b"\x07example\x03com\x00\x00\x01\x00\x01")
+server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+server.bind(("127.0.0.1", 0))
+a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); a.bind(("127.0.0.1", 0))
+b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); b.bind(("127.0.0.1", 0))
+a.sendto(query, server.getsockname())
+b.sendto(query, server.getsockname())
+_, first = server.recvfrom(512)
+_, _, _, second = server.recvmsg(512)
+server.sendto(query, first)
+server.sendto(query, second)
+print(json.dumps({"server": server.getsockname()[1], "a": a.getsockname()[1],
+                  "b": b.getsockname()[1], "first": first[1], "second": second[1]}))
+"""
+
+
+@pytest.mark.parametrize("build", ["l7.bpf.o", "l7_compat.bpf.o"])
+def test_udp_datagrams_carry_each_senders_address(bpf_root: Path, build: str) -> None:
+    """A received datagram is attributed to the peer that sent it: the kernel writes the
+    sender's address to recvfrom's src_addr / recvmsg's msg_name only as the syscall returns,
+    after the socket layer has handed over the data."""
+    with L7Probe(bpf_dir=bpf_root, build=build) as probe:
+        proc = subprocess.Popen([sys.executable, "-c", UDP_PEERS], stdout=subprocess.PIPE,
+                                text=True)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        ports, pid = json.loads(out), proc.pid
+        events = poll_until(probe, lambda evs: len([e for e in evs if e.tgid == pid]) >= 6)
+    mine = [e for e in events if e.tgid == pid]
+    received = [(e.lport, e.rport) for e in mine
+                if e.kind == L7_DATA_IN and e.lport == ports["server"]]
+    assert received == [(ports["server"], ports["first"]), (ports["server"], ports["second"])]
+    assert {ports["first"], ports["second"]} == {ports["a"], ports["b"]}
+    sent = [(e.lport, e.rport) for e in mine
+            if e.kind == L7_DATA_OUT and e.lport == ports["server"]]
+    assert sent == received
+    assert all(e.payload[:2] == b"\x12\x34" for e in mine if e.kind in (L7_DATA_IN, L7_DATA_OUT))
