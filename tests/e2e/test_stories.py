@@ -190,9 +190,12 @@ def test_story_1_lossy_delayed_path_shows_on_its_edge_not_on_the_server(
     # The edge to down-a: its RTT far above the clean edge's, and retransmits; the clean edge none.
     assert tcp_a["retransmits"] > 0 and tcp_b["retransmits"] == 0
     assert rtt_a > 0.01 and rtt_a > 10 * rtt_b
-    # The gateway waited on down-a; down-a itself answered fast: the cause is the path.
-    assert client_a > 0.05 and server_a < client_a / 5
-    assert client_b < client_a / 5
+    # The gateway waited on down-a; down-a itself answered fast: the cause is the path. How
+    # long it waited is the shaper's queue delay, which the bulk transfer sets (49 ms in one
+    # run: the client's own median, 98 ms, also counts connecting through the same queue), so
+    # it is compared with the clean edge (under 1 ms here), not with a fixed delay.
+    assert client_a > 0.02 and client_a > 20 * client_b
+    assert server_a < client_a / 5
 
 
 def test_story_2_cpu_hog_is_named_by_its_pod(
