@@ -4,7 +4,11 @@
  * One `conns` entry per connection, keyed by its struct sock *:
  *   sock:inet_sock_set_state  SYN_SENT (active open) / SYN_RECV (passive open) create it,
  *                             ESTABLISHED names the processes, CLOSE finalises it;
- *   tcp:tcp_retransmit_skb    segments retransmitted (SYN retransmits of a connect included);
+ *   tcp:tcp_retransmit_skb    segments retransmitted (SYN retransmits of a connect included),
+ *                             counted as the kernel counts them into the connection's
+ *                             total_retrans (TCP_INFO tcpi_total_retrans): one GSO skb sent
+ *                             again is as many segments as it carries (one not sent, an
+ *                             error in the tracepoint's err, is not counted);
  *   tcp:tcp_send_reset, tcp:tcp_receive_reset   resets; a reset received in SYN_SENT = refused;
  *   tcp:tcp_probe             smoothed RTT (µs) into last/min/max/sum and a log2 histogram,
  *                             and the byte counters of tcp_sock, once per received segment;
@@ -513,13 +517,30 @@ int ks_tcp_destroy(struct trace_event_raw_tcp_event_sk *ctx)
 	return 0;
 }
 
+/* The segments in one skb sent again: tcp_skb_pcount(), TCP_SKB_CB(skb)->tcp_gso_segs in the
+ * skb's control buffer, set before the tracepoint fires (after any split of the skb). */
+static __always_inline __u32 skb_segments(const struct sk_buff *skb)
+{
+	const struct tcp_skb_cb *cb = (const void *)skb + bpf_core_field_offset(skb->cb);
+	__u16 segs = BPF_CORE_READ(cb, tcp_gso_segs);
+
+	return segs ? segs : 1;
+}
+
 SEC("tp/tcp/tcp_retransmit_skb")
 int ks_tcp_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
 {
 	struct ks_tcp_conn *c = conn_of((struct sock *)ctx->skaddr);
 
+	/* Newer kernels (the tracepoint has `err`) also fire it for a retransmit that was not
+	 * sent: -EBUSY while the first copy is still in a host queue, no route, no memory. The
+	 * kernel gives up on those before it adds to total_retrans, and so does this. (One that
+	 * a full qdisc then refuses is in total_retrans and not here: it never left the host.) */
+	if (bpf_core_field_exists(ctx->err) && ctx->err)
+		return 0;
 	if (c && !(c->flags & KS_TCP_F_EXCLUDED))
-		__sync_fetch_and_add(&c->retransmits, 1);
+		__sync_fetch_and_add(&c->retransmits,
+				     skb_segments((const struct sk_buff *)ctx->skbaddr));
 	return 0;
 }
 

@@ -64,7 +64,7 @@ struct ks_tcp_conn {
 	__u64 acked_base;	/* tcp_sock.bytes_acked when first seen (1 for an active open: its SYN) */
 	__u64 received_base;
 	__u64 srtt_sum_us;	/* sum of the srtt samples (one per tcp_probe event) */
-	__u32 retransmits;	/* segments retransmitted, SYNs included */
+	__u32 retransmits;	/* segments retransmitted (total_retrans), SYNs included */
 	__u32 resets_sent;
 	__u32 resets_received;
 	__u32 srtt_last_us;

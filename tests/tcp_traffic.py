@@ -12,9 +12,11 @@
     python -m tests.tcp_traffic abort COMM HOST                connect, send, close with
                                                                SO_LINGER 0 (a reset)
 
-Each prints one JSON line with what it did (ports, errors) and exits (``serve`` runs until
-killed). The process names itself COMM (prctl) before it makes any thread or socket, so the
-kernel reports its connections under that name.
+Each prints one JSON line with what it did (ports, errors; ``send`` and ``transfer`` clients
+also the kernel's own count of the segments they retransmitted, TCP_INFO's tcpi_total_retrans,
+read once the peer has acknowledged everything) and exits (``serve`` runs until killed).
+The process names itself COMM (prctl) before it makes any thread or socket, so the kernel
+reports its connections under that name.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ def _read_all(sock: socket.socket) -> int:
     while chunk := sock.recv(65536):
         total += len(chunk)
     return total
+
+
+def _total_retrans(sock: socket.socket) -> int:
+    """tcpi_total_retrans of struct tcp_info (linux/tcp.h): offset 100, after 8 one-byte
+    fields and 23 u32s."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int(struct.unpack_from("<I", info, 100)[0])
 
 
 def _answer(conn: socket.socket, reply: int | None) -> None:
@@ -87,7 +96,9 @@ def _send(host: str, port: int, n: int, timeout: float | None) -> dict[str, Any]
         sock.sendall(b"x" * n)
         sock.shutdown(socket.SHUT_WR)
         got = _read_all(sock)
-    return {"lport": lport, "received": got}
+        # The peer's FIN came after all we sent (it read to our FIN): nothing more can go again.
+        retrans = _total_retrans(sock)
+    return {"lport": lport, "received": got, "retrans": retrans}
 
 
 def main(argv: list[str]) -> None:

@@ -95,16 +95,21 @@ def test_lossy_edge_shows_retransmits_and_the_clean_edge_does_not(pipeline: Pipe
         srv = ns.python("-m", "tests.tcp_traffic", "serve", "kse-nssrv", ns.ns_ip, "0")
         assert srv.stdout is not None
         port = srv.stdout.readline().split()[1]
-        traffic("send", "kse-clean", ns.ns_ip, port, "1000000", "10", "1")
+        [clean] = traffic("send", "kse-clean", ns.ns_ip, port, "1000000", "10", "1")
         ns.iptables("INPUT", "-p", "tcp", "--dport", port, "-m", "statistic", "--mode",
                     "random", "--probability", "0.3", "-j", "DROP")
-        traffic("send", "kse-lossy", ns.ns_ip, port, "1000000", "60", "1")
+        [lossy] = traffic("send", "kse-lossy", ns.ns_ip, port, "1000000", "60", "1")
         for src in ("kse-clean", "kse-lossy"):
             pipeline.wait_total(1000000, BYTES, side="client", src_workload=src,
                                 direction="sent")
-        # Drops hit GSO-sized skbs, so how many segments go again varies; some always do.
-        assert pipeline.wait_settled(RETRANSMITS, side="client", src_workload="kse-lossy") > 0
-        assert pipeline.total(RETRANSMITS, src_workload="kse-clean") == 0
+        # Segments sent again, as each client's own kernel counted them (TCP_INFO): how many
+        # varies with the drops (they hit GSO-sized skbs). The clean path has none unless a
+        # stalled core fired a loss probe (one CI run saw 2), and then both counts show it.
+        assert lossy["retrans"] > clean["retrans"]
+        pipeline.wait_total(lossy["retrans"], RETRANSMITS, side="client",
+                            src_workload="kse-lossy")
+        assert pipeline.total(RETRANSMITS, side="client",
+                              src_workload="kse-clean") == clean["retrans"]
         # The server end, in its own namespace, is named by its listener there, and its
         # client by the same-node connect.
         pipeline.wait_total(1000000, BYTES, side="server", src_workload="kse-lossy",
