@@ -14,7 +14,8 @@
 
 Each prints one JSON line with what it did (ports, errors; ``send`` and ``transfer`` clients
 also the kernel's own count of the segments they retransmitted, TCP_INFO's tcpi_total_retrans,
-read once the peer has acknowledged everything) and exits (``serve`` runs until killed).
+read once the peer has acknowledged everything, and ``transfer`` its server end's per client
+port) and exits (``serve`` runs until killed).
 The process names itself COMM (prctl) before it makes any thread or socket, so the kernel
 reports its connections under that name.
 """
@@ -27,6 +28,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from typing import Any
 
 PR_SET_NAME = 15
@@ -54,11 +56,31 @@ def _total_retrans(sock: socket.socket) -> int:
     return int(struct.unpack_from("<I", info, 100)[0])
 
 
+def _total_unacked(sock: socket.socket) -> int:
+    """tcpi_unacked (offset 24): segments in flight, a FIN included."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int(struct.unpack_from("<I", info, 24)[0])
+
+
+# Per client port: the segments the server end retransmitted, once the client acknowledged
+# its answer and its FIN (after that nothing can go again).
+_served: dict[int, int] = {}
+_served_cond = threading.Condition()
+
+
 def _answer(conn: socket.socket, reply: int | None) -> None:
     with conn:
         try:
+            peer_port = conn.getpeername()[1]
             got = _read_all(conn)
             conn.sendall(b"y" * reply if reply is not None else struct.pack("<Q", got))
+            conn.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 30
+            while _total_unacked(conn) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            with _served_cond:
+                _served[peer_port] = _total_retrans(conn)
+                _served_cond.notify_all()
         except OSError:
             pass  # the client reset the connection (the abort scenario)
 
@@ -110,6 +132,9 @@ def main(argv: list[str]) -> None:
         srv = _server(host, 0, reply=m)
         port = srv.getsockname()[1]
         out = {"port": port, "clients": [_send(host, port, n, 30) for _ in range(conns)]}
+        with _served_cond:
+            _served_cond.wait_for(lambda: len(_served) >= conns, timeout=30)
+            out["server_retrans"] = dict(_served)
         srv.close()
     elif command == "serve":
         srv = _server(host, int(rest[0]), reply=None)
