@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,12 +35,38 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def stop_on_signals(stop: Callable[[], object]) -> threading.Thread:
+    """Call ``stop`` on SIGTERM or SIGINT, from a thread of its own. Not from a Python signal
+    handler: that runs in the main thread between two bytecodes, maybe while the thread holds
+    the very lock ``stop`` takes (``threading.Event.set`` inside ``Event.wait`` re-taking its
+    condition's lock), and then waits for itself forever: `kubesight up` hung on Ctrl-C that
+    way. The C-level handler writes the signal number to a socket (``set_wakeup_fd``); the
+    thread reads it. Call from the main thread."""
+    rd, wr = socket.socketpair()
+    wr.setblocking(False)
+    signal.set_wakeup_fd(wr.fileno(), warn_on_full_buffer=False)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda *_: None)  # handled: the wakeup byte does the work
+
+    def watch() -> None:
+        with rd, wr:
+            while data := rd.recv(64):
+                if any(b in STOP_SIGNALS for b in data):
+                    stop()
+
+    thread = threading.Thread(target=watch, name="stop-signals", daemon=True)
+    thread.start()
+    return thread
+
+
 def run_component(name: str, config: Config, make: Callable[[Config], Runner]) -> None:
     """Run a component until SIGTERM/SIGINT, with ``<state>/run/<name>.pid`` meanwhile (the
     probe reads these files to keep kubesight's own traffic out of the capture)."""
     runner = make(config)
-    signal.signal(signal.SIGTERM, runner.stop)
-    signal.signal(signal.SIGINT, runner.stop)
+    stop_on_signals(runner.stop)
     pidfile = config.state_path / "run" / f"{name}.pid"
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     pidfile.write_text(f"{os.getpid()}\n")

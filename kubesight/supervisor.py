@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from .config import Config
+from .process import stop_on_signals
 
 if TYPE_CHECKING:
     from .broker import LocalBroker
@@ -102,8 +103,7 @@ class Supervisor:
         run_dir = self.state / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "supervisor.pid").write_text(f"{os.getpid()}\n")
-        signal.signal(signal.SIGINT, self.request_stop)
-        signal.signal(signal.SIGTERM, self.request_stop)
+        stop_on_signals(self.request_stop)
         try:
             if self.config.kafka.uses_local_broker:
                 self.broker = LocalBroker(self.config)
