@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: GPL-2.0
-/* l7: TCP connection and payload events from syscall tracepoints (no kprobes needed).
+/* l7: TCP connection and payload events, from tracepoints (no kprobes needed).
  *
- * Reads and writes (read, write, readv, writev, sendto, recvfrom, sendmsg, recvmsg) are seen
- * when they return, by one BTF tracepoint on raw_syscalls:sys_exit that takes the arguments
- * from the task's saved registers (fast build, sys_exit_data), or by an entry program that
- * stashes them per thread and an exit program per syscall (compat build, and connect, accept
- * and the mmsg calls in both). Each decides early and cheaply: moved no data? filtered
+ * Reads and writes (read, write, readv, writev, sendto, recvfrom, sendmsg, recvmsg, and the
+ * mmsg calls) are seen when they return: in the fast build where the socket layer reports
+ * them (sock:sock_send_length/sock_recv_length, arguments from the task's saved registers)
+ * and connections where TCP reports them, with no syscall tracepoint at all; in the compat
+ * build by an entry program that stashes the arguments per thread and an exit program per
+ * syscall. Each decides early and cheaply: moved no data? filtered
  * process? not a TCP/UDP socket? -> return. Otherwise it copies a bounded payload prefix and
  * submits one event to the ring buffer without a wakeup (the user side polls on a timer; a
  * wakeup per event costs ~5 us here). On Linux >= 6.16 the
@@ -60,6 +61,7 @@ struct l7_args {
 	__u8  transport;	/* enum l7_transport */
 	__u8  mmsg;		/* sendmmsg/recvmmsg */
 	__u16 _pad;
+	__u64 cookie;		/* fast build, UDP: the socket's cookie (udp_last_flow's key) */
 };
 
 /* Identity of one TCP connection, keyed by its struct sock *. */
@@ -72,9 +74,15 @@ struct l7_conn {
 	__u8  transport;
 	__u8  tls;		/* TLS connection: its syscall data is ciphertext */
 	__u8  seen;		/* data seen (the first bytes decide tls) */
-	__u8  _pad[4];
+	__u8  opened;		/* fast build: L7_CONNECT/L7_ACCEPT still to send, at the first data */
+	__u8  owned;		/* fast build: tgid and comm are the process that moved data */
+	__u16 _pad;
+	__u32 tgid;		/* fast build: for the close, which TCP reports in no process */
+	__u32 _pad2;
+	__u64 opened_ns;	/* fast build: when TCP reported the connect or the accept */
 	__u8  laddr[L7_ADDR_LEN];
 	__u8  raddr[L7_ADDR_LEN];
+	char  comm[L7_COMM_LEN];
 };
 
 /* A thread inside SSL_read/SSL_write. */
@@ -107,16 +115,8 @@ struct {
 	__uint(max_entries, L7_RINGBUF_BYTES);
 } events SEC(".maps");
 
-#ifndef L7_COMPAT
-/* The pending syscall of each thread, in the thread itself (task storage: no hash lookup,
- * freed with the thread). kind == 0: none. */
-struct {
-	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct l7_args);
-} inflight SEC(".maps");
-#else
+#ifdef L7_COMPAT
+/* The pending syscall of each thread (the fast build has none: no syscall tracepoints). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);	/* a thread killed in a syscall never exits it */
 	__uint(max_entries, L7_MAX_INFLIGHT);
@@ -146,7 +146,41 @@ struct {
 	__uint(max_entries, L7_MAX_UDP_FLOWS);
 	__type(key, __u64);			/* struct sock * */
 	__type(value, struct l7_flow_key);
-} udp_last_flow SEC(".maps");
+} udp_last_flow SEC(".maps");	/* fast build: keyed by socket cookie (the release hook has no pointer) */
+
+#ifndef L7_COMPAT
+/* Where a thread's last received datagram came from, as the kernel reported it to the
+ * cgroup recvmsg hook just before sock_recv_length fires (see udp_recv_from). */
+struct l7_udp_src {
+	__u8  addr[L7_ADDR_LEN];
+	__u16 port;		/* host order */
+	__u16 lport;		/* the receiving socket's port: the stash is for that socket only */
+	__u8  family;
+	__u8  _pad[3];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, L7_MAX_INFLIGHT);
+	__type(key, __u64);			/* pid_tgid */
+	__type(value, struct l7_udp_src);
+} udp_src SEC(".maps");
+
+/* sendmmsg/recvmmsg: the socket layer reports each datagram in turn, not which one; the
+ * thread's place in its mmsghdr array (see mmsg_index). */
+struct l7_mmsg_at {
+	__u64 vec;
+	__u32 next;
+	__u32 vlen;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct l7_mmsg_at);
+} mmsg_at SEC(".maps");
+#endif
 
 /* Per-process bits, one u64 word per 64 tgids: an array lookup is inlined by the verifier,
  * a hash lookup is a helper call that hashes. Every data syscall asks both. The loader sizes
@@ -234,47 +268,14 @@ static __always_inline bool traced(__u64 pid_tgid)
 	return !tgid_bit(&excluded_tgids, pid_tgid >> 32);
 }
 
-/* fd -> struct sock * if it is a TCP or UDP socket over IPv4/IPv6, else NULL (no kprobes:
- * walk the fd table with CO-RE). *transport tells which. */
 #ifndef L7_COMPAT
-/* Fast build (Linux >= 6.4): the task's BTF pointer and bpf_rdonly_cast let the walk load
- * fields directly instead of one bpf_probe_read_kernel call per field (measured: entry
- * programs 520 -> 300 ns). The compat build (-DL7_COMPAT) reads field by field. */
+/* Fast build (Linux >= 6.4): BTF pointers and bpf_rdonly_cast load kernel fields directly,
+ * not one bpf_probe_read_kernel call per field. */
 extern void *bpf_rdonly_cast(const void *obj, __u32 btf_id) __ksym;
-
-static __always_inline struct sock *inet_sock_of_fd(int fd, __u8 *transport)
-{
-	struct task_struct *task = bpf_get_current_task_btf();
-	struct fdtable *fdt = task->files->fdt;
-	struct file *file = NULL;
-	struct socket *sock;
-	struct sock *sk;
-	__u16 family, proto;
-
-	if (fd < 0 || fd >= fdt->max_fds)
-		return NULL;
-	bpf_probe_read_kernel(&file, sizeof(file), &fdt->fd[fd]);
-	if (!file)
-		return NULL;
-	file = bpf_rdonly_cast(file, bpf_core_type_id_kernel(struct file));
-	if ((file->f_inode->i_mode & S_IFMT) != S_IFSOCK) {
-		count(L7_CNT_SKIPPED_NOT_SOCKET);
-		return NULL;
-	}
-	sock = bpf_rdonly_cast(file->private_data, bpf_core_type_id_kernel(struct socket));
-	sk = sock->sk;
-	family = sk->__sk_common.skc_family;
-	proto = sk->sk_protocol;
-	/* AF_UNIX, netlink and raw sockets pass the S_IFSOCK test too. */
-	if ((family != AF_INET && family != AF_INET6) ||
-	    (proto != IPPROTO_TCP && proto != IPPROTO_UDP)) {
-		count(L7_CNT_SKIPPED_NOT_INET);
-		return NULL;
-	}
-	*transport = proto;
-	return sk;
-}
 #else
+/* Compat build: syscall tracepoints hand over fds. fd -> struct sock * if it is a TCP or UDP
+ * socket over IPv4/IPv6, else NULL (no kprobes: walk the fd table with CO-RE); *transport
+ * tells which. */
 static __always_inline struct sock *inet_sock_of_fd(int fd, __u8 *transport)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
@@ -310,7 +311,6 @@ static __always_inline struct sock *inet_sock_of_fd(int fd, __u8 *transport)
 	*transport = proto;
 	return sk;
 }
-#endif
 
 /* Connections (TCP) only: accept, connect and close of a stream socket. */
 static __always_inline struct sock *tcp_sock_of_fd(int fd)
@@ -326,17 +326,8 @@ static __always_inline void stash(__u64 pid_tgid, enum l7_kind kind, int fd, str
 				  __u64 buf, __u32 iovcnt, __u64 len, __u8 transport, __u64 name,
 				  __u8 mmsg)
 {
-#ifndef L7_COMPAT
-	struct l7_args *args = bpf_task_storage_get(&inflight, bpf_get_current_task_btf(), 0,
-						    BPF_LOCAL_STORAGE_GET_F_CREATE);
-#else
 	struct l7_args fresh = {}, *args = &fresh;
-#endif
 
-	if (!args) {
-		count(L7_CNT_INFLIGHT_FULL);
-		return;
-	}
 	args->buf = buf;
 	args->sk = (__u64)sk;
 	args->iovcnt = iovcnt;
@@ -347,10 +338,8 @@ static __always_inline void stash(__u64 pid_tgid, enum l7_kind kind, int fd, str
 	args->transport = transport;
 	args->name = name;
 	args->mmsg = mmsg;
-#ifdef L7_COMPAT
 	if (bpf_map_update_elem(&inflight, &pid_tgid, args, BPF_ANY))
 		count(L7_CNT_INFLIGHT_FULL);
-#endif
 }
 
 /* Take (and remove) this thread's stash; false if the entry program did not stash. */
@@ -360,30 +349,18 @@ static __always_inline bool unstash(__u64 pid_tgid, struct l7_args *out)
 
 	if (filter_all)
 		return false;	/* nothing was stashed: skip even the lookup */
-#ifndef L7_COMPAT
-	args = bpf_task_storage_get(&inflight, bpf_get_current_task_btf(), 0, 0);
-	if (!args || !args->kind)
-		return false;
-	*out = *args;
-	args->kind = 0;
-#else
 	args = bpf_map_lookup_elem(&inflight, &pid_tgid);
 	if (!args)
 		return false;
 	*out = *args;
 	bpf_map_delete_elem(&inflight, &pid_tgid);
-#endif
 	return true;
 }
+#endif
 
-/* Assign a new connection id and record addresses; skc_dport is network order, skc_num not. */
-static __always_inline void conn_new(struct l7_conn *conn, struct sock *sk, enum l7_role role)
+/* A TCP connection's addresses; skc_dport is network order, skc_num not. */
+static __always_inline void conn_addresses(struct l7_conn *conn, struct sock *sk)
 {
-	__u64 key = (__u64)sk;
-
-	conn->conn_id = __sync_fetch_and_add(&next_conn_id, 1) + 1;
-	conn->role = role;
-	conn->transport = L7_TCP;
 	conn->family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	conn->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
 	conn->rport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
@@ -394,6 +371,17 @@ static __always_inline void conn_new(struct l7_conn *conn, struct sock *sk, enum
 		bpf_core_read(conn->laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
 		bpf_core_read(conn->raddr, 16, &sk->__sk_common.skc_v6_daddr);
 	}
+}
+
+/* Assign a new connection id and record addresses. */
+static __always_inline void conn_new(struct l7_conn *conn, struct sock *sk, enum l7_role role)
+{
+	__u64 key = (__u64)sk;
+
+	conn->conn_id = __sync_fetch_and_add(&next_conn_id, 1) + 1;
+	conn->role = role;
+	conn->transport = L7_TCP;
+	conn_addresses(conn, sk);
 	if (bpf_map_update_elem(&conns, &key, conn, BPF_ANY))
 		count(L7_CNT_CONN_TABLE_FULL);
 }
@@ -665,6 +653,7 @@ static __always_inline bool inside_tls_call(__u64 id, struct sock *sk)
 	return true;
 }
 
+#ifdef L7_COMPAT	/* the fast build has no syscall tracepoints */
 static __always_inline int on_data_enter(enum l7_kind kind, int fd, __u64 buf, __u32 iovcnt,
 					 __u64 len, __u64 name, __u8 mmsg)
 {
@@ -685,7 +674,6 @@ static __always_inline int on_data_enter(enum l7_kind kind, int fd, __u64 buf, _
 	return 0;
 }
 
-#ifdef L7_COMPAT
 /* sendmsg/recvmsg: the iovec array (and a UDP peer's address) live in the user's msghdr. */
 static __always_inline int on_msg_enter(enum l7_kind kind, int fd, __u64 msgp)
 {
@@ -710,13 +698,31 @@ static __always_inline bool looks_like_dns(struct l7_out *out, __u64 got)
 	return p && (p[2] & 0x78) == 0 && p[4] == 0 && p[5] == 1;
 }
 
-/* The peer of one datagram: the address the syscall names, else the connected peer. */
-static __always_inline void udp_peer(struct sock *sk, __u64 name, struct l7_flow_key *key,
-				     __u8 *family)
+/* The peer of one datagram: the address the syscall names, else the connected peer. A
+ * received datagram's sender reaches the syscall's buffer only after the socket layer
+ * returns: the fast build has it from the cgroup recvmsg hook (udp_recv_from), the compat
+ * build sends the datagram from the syscall's exit (name is read then). */
+static __always_inline void udp_peer(struct sock *sk, __u64 name, enum l7_kind kind,
+				     struct l7_flow_key *key, __u8 *family)
 {
 	struct sockaddr_in6 sa = {};
 
 	*family = BPF_CORE_READ(sk, __sk_common.skc_family);
+#ifndef L7_COMPAT
+	if (kind == L7_DATA_IN) {
+		__u64 id = bpf_get_current_pid_tgid();
+		struct l7_udp_src *src = bpf_map_lookup_elem(&udp_src, &id);
+
+		name = 0;	/* still the caller's old bytes at sock_recv_length */
+		if (src && src->lport == BPF_CORE_READ(sk, __sk_common.skc_num) && src->family) {
+			*family = src->family;
+			key->rport = src->port;
+			__builtin_memcpy(key->raddr, src->addr, L7_ADDR_LEN);
+			src->family = 0;	/* one datagram's */
+			return;
+		}
+	}
+#endif
 	if (name && !bpf_probe_read_user(&sa, sizeof(struct sockaddr_in), (const void *)name)) {
 		if (sa.sin6_family == AF_INET) {
 			struct sockaddr_in *in = (struct sockaddr_in *)&sa;
@@ -743,15 +749,17 @@ static __always_inline void udp_peer(struct sock *sk, __u64 name, struct l7_flow
 
 /* The flow of one datagram; a new flow gets an identity and becomes its socket's latest. */
 static __always_inline bool udp_flow(struct sock *sk, __u64 name, enum l7_kind kind,
-				     struct l7_conn *conn)
+				     __u64 sock_key, struct l7_conn *conn)
 {
 	struct l7_flow_key key = {.sk = (__u64)sk};
 	struct l7_conn *known;
 	__u8 family;
 
-	udp_peer(sk, name, &key, &family);
+	udp_peer(sk, name, kind, &key, &family);
 	known = bpf_map_lookup_elem(&udp_flows, &key);
-	if (known) {
+	/* A flow of a socket that was closed unseen (its struct sock is reused) has another
+	 * local port: a new flow. */
+	if (known && known->lport == BPF_CORE_READ(sk, __sk_common.skc_num)) {
 		*conn = *known;
 		return true;
 	}
@@ -770,7 +778,7 @@ static __always_inline bool udp_flow(struct sock *sk, __u64 name, enum l7_kind k
 		count(L7_CNT_FLOW_TABLE_FULL);
 		return true;	/* still report this datagram, under a one-off identity */
 	}
-	bpf_map_update_elem(&udp_last_flow, &key.sk, &key, BPF_ANY);
+	bpf_map_update_elem(&udp_last_flow, &sock_key, &key, BPF_ANY);
 	return true;
 }
 
@@ -792,7 +800,11 @@ static __always_inline void udp_datagram(const struct l7_args *args, __u64 id, _
 		count(L7_CNT_SKIPPED_UDP_NOT_DNS);
 		return;
 	}
-	udp_flow((struct sock *)args->sk, name, args->kind, &conn);
+#ifndef L7_COMPAT
+	udp_flow((struct sock *)args->sk, name, args->kind, args->cookie, &conn);
+#else
+	udp_flow((struct sock *)args->sk, name, args->kind, args->sk, &conn);
+#endif
 	ev->role = conn.role;
 	ev->transport = L7_UDP;
 	ev->family = conn.family;
@@ -804,6 +816,14 @@ static __always_inline void udp_datagram(const struct l7_args *args, __u64 id, _
 	event_submit(&out, got);
 }
 
+/* One datagram of a plain send or receive. Not inlined: its stack is not the TCP path's. */
+static __noinline int udp_event(const struct l7_args *args, __u64 id, long ret, __u64 ts)
+{
+	udp_datagram(args, id, ret, args->buf, args->iovcnt, args->name, ts);
+	return 0;
+}
+
+#ifdef L7_COMPAT
 /* sendmmsg/recvmmsg returned ret datagrams: report up to L7_MAX_MMSG of them. */
 static __always_inline void udp_mmsg(const struct l7_args *args, __u64 id, long ret, __u64 ts)
 {
@@ -820,6 +840,32 @@ static __always_inline void udp_mmsg(const struct l7_args *args, __u64 id, long 
 			     (__u64)m.msg_hdr.msg_name, ts);
 	}
 }
+#endif
+
+#ifndef L7_COMPAT
+/* The first data of a connection, in its process: take the process and the addresses (a
+ * client's local port is chosen after SYN_SENT), and send the open event TCP reported where
+ * no process was known yet (tcp_state). */
+static __always_inline void conn_own(struct l7_conn *conn, __u64 sk, __u64 id, int fd)
+{
+	struct l7_out out;
+	struct l7_event *ev;
+	__u8 opened = conn->opened;
+
+	conn_addresses(conn, (struct sock *)sk);
+	conn->tgid = id >> 32;
+	process_comm(conn->comm);
+	conn->owned = 1;
+	if (!opened)
+		return;
+	conn->opened = 0;
+	ev = event_start(&out, 0, opened, conn, fd, 0, id, conn->opened_ns);
+	if (ev) {
+		tcp_health(ev, sk);	/* the handshake gave the first RTT sample */
+		event_submit(&out, 0);
+	}
+}
+#endif
 
 /* A send that fails because the peer is gone is still what the process answered (a server
  * logs it as served): report it, size = -errno. EAGAIN etc. are retried later. */
@@ -872,11 +918,13 @@ static __always_inline int data_exit(const struct l7_args *args, __u64 id, long 
 	if (args->transport == L7_UDP) {
 		if (ret <= 0)
 			return 0;
-		if (args->mmsg)
+#ifdef L7_COMPAT
+		if (args->mmsg) {
 			udp_mmsg(args, id, ret, ts);
-		else
-			udp_datagram(args, id, ret, args->buf, args->iovcnt, args->name, ts);
-		return 0;
+			return 0;
+		}
+#endif
+		return udp_event(args, id, ret, ts);
 	}
 	dead = send_failed_dead(args->kind, ret);
 	if (ret <= 0 && !dead)
@@ -897,6 +945,10 @@ static __always_inline int data_exit(const struct l7_args *args, __u64 id, long 
 		count(L7_CNT_TLS_CIPHERTEXT);
 		return 0;
 	}
+#ifndef L7_COMPAT
+	if (!conn->owned)
+		conn_own(conn, args->sk, id, args->fd);
+#endif
 	want = capture_len(dead ? (args->iovcnt ? L7_CAPTURE_MAX : args->len) : (__u64)ret);
 	ev = event_start(&out, want, args->kind, conn, args->fd, ret, id, ts);
 	if (!ev)
@@ -916,8 +968,8 @@ static __always_inline int data_exit(const struct l7_args *args, __u64 id, long 
 	return 0;
 }
 
-/* Exit of a syscall whose entry program stashed its arguments (every data syscall in the
- * compat build; sendmmsg/recvmmsg in both). */
+#ifdef L7_COMPAT
+/* Exit of a syscall whose entry program stashed its arguments. */
 static __always_inline int on_data_exit(long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
@@ -932,6 +984,7 @@ static __always_inline int on_data_exit(long ret)
 	return data_exit(&args, id, ret, args.kind == L7_DATA_OUT ? args.enter_ns
 								  : bpf_ktime_get_ns());
 }
+#endif
 
 #ifndef L7_COMPAT
 /* --- Fast build: data where the socket layer reports it -------------------------------
@@ -955,6 +1008,8 @@ static __always_inline int on_data_exit(long ret)
 #define KS_NR_recvfrom	45
 #define KS_NR_sendmsg	46
 #define KS_NR_recvmsg	47
+#define KS_NR_recvmmsg	299
+#define KS_NR_sendmmsg	307
 #define TS_COMPAT	0x0002	/* thread_info.status: inside a 32-bit (ia32) syscall */
 #define sc_nr(regs)	((regs)->orig_ax)
 #define sc_arg0(regs)	((regs)->di)
@@ -974,6 +1029,8 @@ static __always_inline int on_data_exit(long ret)
 #define KS_NR_recvfrom	207
 #define KS_NR_sendmsg	211
 #define KS_NR_recvmsg	212
+#define KS_NR_recvmmsg	243
+#define KS_NR_sendmmsg	269
 #define PSR_MODE32_BIT	0x10
 #define sc_nr(regs)	((regs)->syscallno)
 #define sc_arg0(regs)	((regs)->orig_x0)	/* x0 holds the return value by now */
@@ -988,6 +1045,37 @@ static __always_inline int on_data_exit(long ret)
 
 #define PF_KTHREAD	0x00200000	/* task_struct.flags: a kernel thread */
 
+/* sendmmsg/recvmmsg hand the socket layer one datagram after another, and the tracepoints
+ * do not say which: count them per thread. A call ends after vlen datagrams or at its first
+ * failure (any failed UDP send or receive of the thread ends it: a thread is in one syscall
+ * at a time). Not seen: a call that ends early without a failure reaching the socket layer
+ * (recvmmsg's timeout running out, a fault reading the array): the thread's next call with
+ * the same array would start counting where that one stopped. */
+static __always_inline __s64 mmsg_index(__u64 vec, __u32 vlen)
+{
+	struct l7_mmsg_at *at = bpf_task_storage_get(&mmsg_at, bpf_get_current_task_btf(), 0,
+						     BPF_LOCAL_STORAGE_GET_F_CREATE);
+
+	if (!at) {
+		count(L7_CNT_INFLIGHT_FULL);
+		return -1;
+	}
+	if (at->vec != vec || at->next >= at->vlen) {
+		at->vec = vec;
+		at->vlen = vlen;
+		at->next = 0;
+	}
+	return at->next++;
+}
+
+static __always_inline void mmsg_end(void)
+{
+	struct l7_mmsg_at *at = bpf_task_storage_get(&mmsg_at, bpf_get_current_task_btf(), 0, 0);
+
+	if (at)
+		at->next = at->vlen;
+}
+
 /* One send (send == true) or receive on sk returned ret, inside the current task's syscall.
  * Cheapest tests first: every socket operation on the node comes here (AF_UNIX, netlink, and
  * the EAGAIN reads of every event loop). */
@@ -997,14 +1085,18 @@ static __always_inline int sock_data(struct sock *sk, long ret, bool send)
 	struct pt_regs *regs;
 	struct user_msghdr msg;
 	enum l7_kind kind;
-	__u64 id, buf = 0, len = 0, name = 0, msgp = 0;
-	__u32 iovcnt = 0;
+	__u64 id, buf = 0, len = 0, name = 0, msgp = 0, mmsgv = 0;
+	__u32 iovcnt = 0, vlen = 0;
 	__u16 family, proto;
+	__s64 at;
 
 	if (filter_all)
 		return 0;
-	if (ret <= 0 && ret != -EPIPE && ret != -ECONNRESET)
+	if (ret <= 0 && ret != -EPIPE && ret != -ECONNRESET) {
+		if (sk->sk_protocol == IPPROTO_UDP)
+			mmsg_end();
 		return 0;
+	}
 	family = sk->__sk_common.skc_family;
 	proto = sk->sk_protocol;
 	if ((family != AF_INET && family != AF_INET6) ||
@@ -1018,8 +1110,8 @@ static __always_inline int sock_data(struct sock *sk, long ret, bool send)
 	if (task->flags & PF_KTHREAD)
 		return 0;
 	regs = (struct pt_regs *)bpf_task_pt_regs(task);
-	/* Which syscall: sendmmsg/recvmmsg (their own programs), sendfile, splice and io_uring
-	 * reach the socket layer too, with arguments of another shape: not these. */
+	/* Which syscall: sendfile, splice and io_uring reach the socket layer too, with
+	 * arguments of another shape: not these. */
 	switch (sc_nr(regs)) {
 	case KS_NR_read:	/* read(fd, buf, count) */
 		kind = L7_DATA_IN;
@@ -1064,9 +1156,23 @@ static __always_inline int sock_data(struct sock *sk, long ret, bool send)
 		kind = L7_DATA_IN;
 		msgp = sc_arg1(regs);
 		break;
+	case KS_NR_sendmmsg:	/* sendmmsg(fd, vec, vlen, flags) */
+		kind = L7_DATA_OUT;
+		mmsgv = sc_arg1(regs);
+		vlen = sc_arg2(regs);
+		break;
+	case KS_NR_recvmmsg:	/* recvmmsg(fd, vec, vlen, flags, timeout) */
+		if (sc_arg3(regs) & MSG_PEEK)
+			return 0;
+		kind = L7_DATA_IN;
+		mmsgv = sc_arg1(regs);
+		vlen = sc_arg2(regs);
+		break;
 	default:
 		return 0;
 	}
+	if (mmsgv && proto != IPPROTO_UDP)
+		return 0;	/* UDP only (the glibc resolver sends A and AAAA with one sendmmsg) */
 	if ((kind == L7_DATA_OUT) != send)
 		return 0;	/* the socket layer and the syscall disagree: not this socket's call */
 	if (ret <= 0 && !send_failed_dead(kind, ret))
@@ -1078,6 +1184,12 @@ static __always_inline int sock_data(struct sock *sk, long ret, bool send)
 		return 0;
 	if (proto == IPPROTO_TCP && inside_tls_call(id, sk))
 		return 0;
+	if (mmsgv) {
+		at = mmsg_index(mmsgv, vlen);
+		if (at < 0 || at >= L7_MAX_MMSG_VLEN)
+			return 0;
+		msgp = mmsgv + at * sizeof(struct mmsghdr);	/* starts with its user_msghdr */
+	}
 	if (msgp) {
 		if (bpf_probe_read_user(&msg, sizeof(msg), (const void *)msgp))
 			return 0;
@@ -1085,15 +1197,10 @@ static __always_inline int sock_data(struct sock *sk, long ret, bool send)
 		iovcnt = msg.msg_iovlen;
 		name = (__u64)msg.msg_name;
 	}
-	if (proto == IPPROTO_UDP && !send && name) {
-		/* The sender's address reaches name only after the socket layer returns: the
-		 * datagram is sent from the syscall's exit (exit_recvfrom, exit_recvmsg). */
-		stash(id, kind, sc_arg0(regs), sk, buf, iovcnt, len, proto, name, 0);
-		return 0;
-	}
 	struct l7_args args = {
 		.kind = kind, .fd = sc_arg0(regs), .sk = (__u64)sk, .buf = buf, .len = len,
 		.iovcnt = iovcnt, .name = name, .transport = proto,
+		.cookie = proto == IPPROTO_UDP ? bpf_get_socket_cookie(sk) : 0,
 	};
 	return data_exit(&args, id, ret, bpf_ktime_get_ns());
 }
@@ -1108,6 +1215,143 @@ SEC("tp_btf/sock_recv_length")
 int BPF_PROG(sock_recv_data, struct sock *sk, int ret, int flags)
 {
 	return sock_data(sk, ret, false);
+}
+
+/* --- Fast build: connections where TCP reports them, no syscall tracepoints --------------
+ *
+ * With any syscalls:* or raw_syscalls:* tracepoint attached, every syscall of every task on
+ * the node takes the kernel's tracing slow path (bench/syscall_tax: a process doing file I/O
+ * keeps 0.87 of its syscall rate with one no-op program on sys_enter_close). So:
+ *   opened   inet_sock_set_state CLOSE -> SYN_SENT runs inside connect(), in the caller (the
+ *            process filter applies); LISTEN -> SYN_RECV creates an accepted connection's
+ *            socket, in softirq (no process yet). Either gives the socket its entry in conns
+ *            with its role; the CONNECT or ACCEPT event goes out with the connection's first
+ *            data (conn_own), when its process and local port are known.
+ *   closed   tcp_destroy_sock: the last fd is closed and TCP is done with the socket, so no
+ *            data can follow. A connection that never moved data sends nothing.
+ *   UDP      a received datagram's sender comes from the cgroup recvmsg hooks; a socket's
+ *            release (cgroup sock_release) closes its latest flow. Both attach at the root
+ *            of the cgroup v2 hierarchy.
+ */
+static __always_inline void conn_pending(const struct sock *sk, enum l7_role role,
+					 enum l7_kind opened)
+{
+	struct l7_conn conn = {};
+	__u64 key = (__u64)sk;
+
+	conn.conn_id = __sync_fetch_and_add(&next_conn_id, 1) + 1;
+	conn.role = role;
+	conn.transport = L7_TCP;
+	conn.opened = opened;
+	conn.opened_ns = bpf_ktime_get_ns();
+	if (bpf_map_update_elem(&conns, &key, &conn, BPF_ANY))
+		count(L7_CNT_CONN_TABLE_FULL);
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(tcp_state, const struct sock *sk, int oldstate, int newstate)
+{
+	if (filter_all || sk->sk_protocol != IPPROTO_TCP)
+		return 0;
+	if (newstate == TCP_SYN_SENT) {
+		if ((bpf_get_current_task_btf()->flags & PF_KTHREAD) ||
+		    BPF_CORE_READ_BITFIELD(sk, sk_kern_sock) ||
+		    !traced(bpf_get_current_pid_tgid()))
+			return 0;
+		conn_pending(sk, L7_ROLE_CLIENT, L7_CONNECT);
+	} else if (newstate == TCP_SYN_RECV && oldstate == TCP_LISTEN) {
+		conn_pending(sk, L7_ROLE_SERVER, L7_ACCEPT);
+	}
+	return 0;
+}
+
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(tcp_destroyed, struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+	struct l7_conn *conn;
+	struct l7_out out;
+	struct l7_event *ev;
+
+	if (filter_all)
+		return 0;
+	conn = bpf_map_lookup_elem(&conns, &key);
+	if (!conn)
+		return 0;
+	if (conn->owned) {
+		ev = event_start(&out, 0, L7_CLOSE, conn, -1, 0, (__u64)conn->tgid << 32,
+				 bpf_ktime_get_ns());
+		if (ev) {
+			__builtin_memcpy(ev->comm, conn->comm, L7_COMM_LEN);
+			tcp_health(ev, key);	/* the batch's last word on the connection's health */
+			event_submit(&out, 0);
+		}
+	}
+	bpf_map_delete_elem(&conns, &key);
+	return 0;
+}
+
+/* recvfrom()/recvmsg() asked for the sender's address: the kernel shows it to this hook just
+ * before the socket layer returns (sock_recv_data then takes it). Must return 1: allow. */
+static __always_inline int udp_recv_from(struct bpf_sock_addr *ctx, __u8 family)
+{
+	struct l7_udp_src src = {.family = family};
+	__u64 id = bpf_get_current_pid_tgid();
+	struct bpf_sock *sk = ctx->sk;
+	__u32 word;
+
+	if (filter_all || !sk || !traced(id))
+		return 1;
+	src.lport = sk->src_port;
+	src.port = bpf_ntohs(ctx->user_port);
+	if (family == AF_INET) {
+		word = ctx->user_ip4;
+		__builtin_memcpy(src.addr, &word, 4);
+	} else {
+		word = ctx->user_ip6[0];
+		__builtin_memcpy(src.addr, &word, 4);
+		word = ctx->user_ip6[1];
+		__builtin_memcpy(src.addr + 4, &word, 4);
+		word = ctx->user_ip6[2];
+		__builtin_memcpy(src.addr + 8, &word, 4);
+		word = ctx->user_ip6[3];
+		__builtin_memcpy(src.addr + 12, &word, 4);
+	}
+	bpf_map_update_elem(&udp_src, &id, &src, BPF_ANY);
+	return 1;
+}
+
+SEC("cgroup/recvmsg4")
+int udp_recvmsg4(struct bpf_sock_addr *ctx) { return udp_recv_from(ctx, AF_INET); }
+SEC("cgroup/recvmsg6")
+int udp_recvmsg6(struct bpf_sock_addr *ctx) { return udp_recv_from(ctx, AF_INET6); }
+
+/* The last reference to a UDP socket is gone: its latest flow (a connected socket's only
+ * one) is closed; a server's other flows are expired by the stream worker. */
+SEC("cgroup/sock_release")
+int udp_release(struct bpf_sock *ctx)
+{
+	__u64 cookie, id = bpf_get_current_pid_tgid();
+	struct l7_flow_key *flow;
+	struct l7_conn *conn;
+	struct l7_out out;
+	struct l7_event *ev;
+
+	if (filter_all || ctx->protocol != IPPROTO_UDP)
+		return 1;
+	cookie = bpf_get_socket_cookie(ctx);
+	flow = bpf_map_lookup_elem(&udp_last_flow, &cookie);
+	if (!flow)
+		return 1;
+	conn = bpf_map_lookup_elem(&udp_flows, flow);
+	if (conn) {
+		ev = event_start(&out, 0, L7_CLOSE, conn, -1, 0, id, bpf_ktime_get_ns());
+		if (ev)
+			event_submit(&out, 0);
+		bpf_map_delete_elem(&udp_flows, flow);
+	}
+	bpf_map_delete_elem(&udp_last_flow, &cookie);
+	return 1;
 }
 #endif /* !L7_COMPAT */
 
@@ -1168,11 +1412,17 @@ static __always_inline int tls_exit(long ret, bool ex)
 		return 0;
 	}
 	conn = bpf_map_lookup_elem(&conns, &call.sk);
+	if (!conn) {
+		conn_new(&fresh, (struct sock *)call.sk, L7_ROLE_UNKNOWN);
+		conn = bpf_map_lookup_elem(&conns, &call.sk);
+	}
 	if (conn) {
 		conn->tls = 1;
+#ifndef L7_COMPAT
+		if (!conn->owned)
+			conn_own(conn, call.sk, id, -1);
+#endif
 		fresh = *conn;
-	} else {
-		conn_new(&fresh, (struct sock *)call.sk, L7_ROLE_UNKNOWN);
 	}
 	want = capture_len(moved);
 	ev = event_start(&out, want, call.kind, &fresh, -1, moved, id,
@@ -1212,6 +1462,7 @@ int BPF_KPROBE(ssl_read_ex_enter, void *ssl, void *buf, __u64 num, void *readbyt
 SEC("uretprobe")
 int BPF_KRETPROBE(ssl_read_ex_exit, int ret) { return tls_exit(ret, true); }
 
+#ifdef L7_COMPAT	/* connections from syscalls; the fast build: tcp_state, tcp_destroyed */
 static __always_inline int on_connect_exit(long ret)
 {
 	__u64 id = bpf_get_current_pid_tgid();
@@ -1337,7 +1588,8 @@ static __always_inline int on_close_enter(int fd)
 #define ENTER struct trace_event_raw_sys_enter
 #define EXIT  struct trace_event_raw_sys_exit
 
-#ifdef L7_COMPAT	/* the fast build has sock_send_data and sock_recv_data instead */
+/* The fast build: sock_send_data, sock_recv_data, tcp_state, tcp_destroyed and the cgroup
+ * hooks instead. */
 SEC("tp/syscalls/sys_enter_read")
 int enter_read(ENTER *ctx)
 { return on_data_enter(L7_DATA_IN, ctx->args[0], ctx->args[1], 0, 0, 0, 0); }
@@ -1396,11 +1648,9 @@ int enter_recvmsg(ENTER *ctx)
 		return 0;
 	return on_msg_enter(L7_DATA_IN, ctx->args[0], ctx->args[1]);
 }
-#endif
 
-/* Both builds: a stashed recvfrom/recvmsg is sent when the syscall returns, because only then
- * has the kernel copied the sender's address to src_addr / msg_name (the fast build stashes
- * UDP receives that name one, and nothing else, in sock_data). */
+/* Compat build only: a stashed recvfrom/recvmsg is sent when the syscall returns, because
+ * only then has the kernel copied the sender's address to src_addr / msg_name. */
 SEC("tp/syscalls/sys_exit_recvfrom")
 int exit_recvfrom(EXIT *ctx) { return on_data_exit(ctx->ret); }
 SEC("tp/syscalls/sys_exit_recvmsg")
@@ -1442,3 +1692,4 @@ int enter_recvmmsg(ENTER *ctx)
 }
 SEC("tp/syscalls/sys_exit_recvmmsg")
 int exit_recvmmsg(EXIT *ctx) { return on_data_exit(ctx->ret); }
+#endif /* L7_COMPAT */

@@ -8,7 +8,8 @@
 #define L7_MAX_IOVECS      32		/* iovecs walked per readv/writev/sendmsg/recvmsg (grpc-core writes 14-22) */
 #define L7_MAX_CONNECTIONS 65536	/* LRU: sock -> connection identity */
 #define L7_MAX_UDP_FLOWS   16384	/* LRU: (UDP sock, peer) -> flow identity */
-#define L7_MAX_MMSG        4		/* datagrams reported per sendmmsg/recvmmsg */
+#define L7_MAX_MMSG        4		/* compat build: datagrams reported per sendmmsg/recvmmsg */
+#define L7_MAX_MMSG_VLEN   1024	/* fast build: the kernel's cap on their vlen (UIO_MAXIOV) */
 #define L7_MAX_INFLIGHT    16384	/* threads inside a traced syscall at once */
 #define L7_TGID_WORDS      65536	/* per-tgid bitmaps: 64 tgids a word, pid_max <= 4M */
 #define L7_RINGBUF_BYTES   (16 << 20)	/* default; the loader may resize before load */
@@ -16,11 +17,11 @@
 #define L7_COMM_LEN        16
 
 enum l7_kind {
-	L7_CONNECT  = 1,	/* connect() succeeded or is in progress: role client */
-	L7_ACCEPT   = 2,	/* accept()/accept4() returned a connection: role server */
-	L7_DATA_OUT = 3,	/* write, writev, sendto, sendmsg */
-	L7_DATA_IN  = 4,	/* read, readv, recvfrom, recvmsg */
-	L7_CLOSE    = 5,	/* close() of a connection seen before */
+	L7_CONNECT  = 1,	/* role client (fast build: sent with the first data, stamped at SYN_SENT) */
+	L7_ACCEPT   = 2,	/* role server (fast build: sent with the first data, stamped at SYN_RECV) */
+	L7_DATA_OUT = 3,	/* write, writev, sendto, sendmsg, sendmmsg */
+	L7_DATA_IN  = 4,	/* read, readv, recvfrom, recvmsg, recvmmsg */
+	L7_CLOSE    = 5,	/* last close of a connection seen before (fast build: TCP destroys it) */
 };
 
 /* IPPROTO_* values (tested): UDP flows are (socket, peer) pairs, reported for DNS only. */

@@ -705,6 +705,7 @@ class L7Probe:
         self.filter_all = filter_all
         self.tls = tls
         self.build = build  # which object file; None: the fastest this kernel loads
+        self.hooks: list[str] = []  # the sections attached, once started
         self.events_in_place = False  # see DIRECT_RECORDS_KFUNC; known after start()
         self._tls: TlsProbes | None = None
         self.bpf_dir = Path(bpf_dir) if bpf_dir is not None else _default_bpf_dir()
@@ -722,6 +723,7 @@ class L7Probe:
         """open → configure → load → attach. Raises ProbeLoadError / ProbeAttachError."""
         _ensure_tracefs()
         obj, hooks = self._load_and_attach()
+        self.hooks = hooks
         try:
             if self.tls:
                 self._tls = TlsProbes(obj, exclude=self._excluded)

@@ -76,6 +76,7 @@ _find_map = _fn("bpf_object__find_map_by_name", _c_void_p, _c_void_p, ctypes.c_c
 _next_prog = _fn("bpf_object__next_program", _c_void_p, _c_void_p, _c_void_p)
 _prog_section = _fn("bpf_program__section_name", ctypes.c_char_p, _c_void_p)
 _prog_attach = _fn("bpf_program__attach", _c_void_p, _c_void_p)
+_attach_cgroup = _fn("bpf_program__attach_cgroup", _c_void_p, _c_void_p, ctypes.c_int)
 _prog_fd = _fn("bpf_program__fd", ctypes.c_int, _c_void_p)
 _find_prog = _fn("bpf_object__find_program_by_name", _c_void_p, _c_void_p, ctypes.c_char_p)
 
@@ -172,6 +173,17 @@ def _check_ptr(ptr: int | None, what: str) -> int:
         err = ctypes.get_errno() or errno.EINVAL
         raise OSError(err, f"{what}: {os.strerror(err)}")
     return ptr
+
+
+def cgroup2_root() -> Path | None:
+    """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup``, or
+    ``/sys/fs/cgroup/unified`` on a hybrid host), or None."""
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split(" ", 1)[0] == "cgroup2":
+                return Path(left.split()[4].replace("\\040", " "))
+    return None
 
 
 def num_possible_cpus() -> int:
@@ -279,18 +291,34 @@ class BpfObject:
             prog = _next_prog(self._obj, prog)
 
     def attach_all(self) -> list[str]:
-        """Attach every program that names its hook in its section (tracepoints); uprobes
-        name no binary and are attached one library at a time with ``attach_uprobe``.
-        Returns the sections attached."""
+        """Attach every program that names its hook in its section (tracepoints), and the
+        cgroup programs at the root of the cgroup v2 hierarchy (every process on the host);
+        uprobes name no binary and are attached one library at a time with
+        ``attach_uprobe``. Returns the sections attached."""
         for section, prog in self.programs():
             if section.startswith(("uprobe", "uretprobe")):
                 continue
             try:
-                link = _check_ptr(_prog_attach(prog), f"attach {section}")
+                if section.startswith("cgroup/"):
+                    link = self._attach_cgroup(prog, section)
+                else:
+                    link = _check_ptr(_prog_attach(prog), f"attach {section}")
             except OSError as exc:
-                raise ProbeAttachError(f"attach {section}") from exc
+                raise ProbeAttachError(f"attach {section}: {exc}") from exc
             self._links.append((section, link))
         return [section for section, _ in self._links]
+
+    @staticmethod
+    def _attach_cgroup(prog: int, section: str) -> int:
+        root = cgroup2_root()
+        if root is None:
+            raise OSError(errno.ENOENT, "no cgroup v2 hierarchy is mounted (cgroup2 in "
+                          "/proc/self/mountinfo)")
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:  # the link holds the cgroup: the fd is not needed after attach
+            return _check_ptr(_attach_cgroup(prog, fd), f"attach {section} at {root}")
+        finally:
+            os.close(fd)
 
     def attach_uprobe(self, program: str, binary: str, function: str, *,
                       retprobe: bool = False) -> None:

@@ -236,6 +236,17 @@ def test_without_drain_helper_the_ctypes_callback_path_delivers(bpf_root: Path, 
     assert [e.payload[:12] for e in of(events, L7_DATA_IN, {pid})] == [b"HTTP/1.1 200"]
 
 
+def test_fast_build_attaches_no_syscall_tracepoint(bpf_root: Path) -> None:
+    """With any syscalls:* or raw_syscalls:* tracepoint attached, every syscall of every task
+    on the node takes the kernel's tracing slow path (bench/syscall_tax: dd keeps 0.87 of its
+    rate): the fast build hooks the socket layer, TCP and cgroups instead."""
+    with L7Probe(bpf_dir=bpf_root, build="l7.bpf.o") as probe:
+        hooks = probe.hooks
+    assert {"tp_btf/sock_send_length", "tp_btf/inet_sock_set_state", "tp_btf/tcp_destroy_sock",
+            "cgroup/recvmsg4", "cgroup/sock_release"} <= set(hooks)
+    assert [h for h in hooks if "syscalls" in h] == []
+
+
 def test_missing_object_is_a_load_error(tmp_path: Path) -> None:
     with pytest.raises(ProbeLoadError, match="l7.bpf.o") as info:
         L7Probe(bpf_dir=tmp_path).start()
@@ -364,3 +375,97 @@ def test_udp_datagrams_carry_each_senders_address(bpf_root: Path, build: str) ->
             if e.kind == L7_DATA_OUT and e.lport == ports["server"]]
     assert sent == received
     assert all(e.payload[:2] == b"\x12\x34" for e in mine if e.kind in (L7_DATA_IN, L7_DATA_OUT))
+
+
+# One process, two rounds: a connected UDP client sends two DNS queries with one sendmmsg, a
+# server takes them with recvmmsg (vlen 4, MSG_WAITFORONE: the call ends at the EAGAIN of the
+# third) and answers both with one sendmmsg to the senders it was told; the client takes the
+# answers with recvmmsg. Each slot of the arrays has its own buffer, so a datagram reported
+# from the wrong slot shows the wrong query id. Prints the ports as JSON.
+UDP_MMSG = r"""
+import ctypes, json, socket, struct
+libc = ctypes.CDLL(None, use_errno=True)
+class iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+class msghdr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
+                ("iov", ctypes.POINTER(iovec)), ("iovlen", ctypes.c_size_t),
+                ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                ("flags", ctypes.c_int)]
+class mmsghdr(ctypes.Structure):
+    _fields_ = [("hdr", msghdr), ("len", ctypes.c_uint)]
+class Slots:
+    def __init__(self, n):
+        self.vec = (mmsghdr * n)()
+        self.bufs = [ctypes.create_string_buffer(512) for _ in range(n)]
+        self.names = [ctypes.create_string_buffer(16) for _ in range(n)]
+        self.iovs = (iovec * n)()
+    def arm(self, payloads=None, names=False):
+        for i in range(len(self.bufs)):
+            if payloads is not None and i < len(payloads):
+                ctypes.memmove(self.bufs[i], payloads[i], len(payloads[i]))
+            n = len(payloads[i]) if payloads is not None and i < len(payloads) else 512
+            self.iovs[i] = iovec(ctypes.addressof(self.bufs[i]), n)
+            self.vec[i].hdr.iov = ctypes.pointer(self.iovs[i])
+            self.vec[i].hdr.iovlen = 1
+            self.vec[i].hdr.name = ctypes.addressof(self.names[i]) if names else None
+            self.vec[i].hdr.namelen = 16 if names else 0
+def call(fn, sock, slots, n, flags=0):
+    got = fn(sock.fileno(), slots.vec, n, flags, None) if fn is libc.recvmmsg else fn(
+        sock.fileno(), slots.vec, n, flags)
+    assert got >= 0, ctypes.get_errno()
+    return got
+def query(qid):
+    return (struct.pack(">HHHHHH", qid, 0x0100, 1, 0, 0, 0)
+            + b"\x07example\x03com\x00\x00\x01\x00\x01")
+server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); server.bind(("127.0.0.1", 0))
+server.setblocking(False)
+client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); client.connect(server.getsockname())
+out, inbox, answers, replies = Slots(2), Slots(4), Slots(2), Slots(2)
+for first in (1, 3):
+    out.arm([query(first), query(first + 1)])
+    assert call(libc.sendmmsg, client, out, 2) == 2
+    inbox.arm(names=True)
+    assert call(libc.recvmmsg, server, inbox, 4, 0x10000) == 2  # MSG_WAITFORONE
+    answers.arm([inbox.bufs[i].raw[:inbox.vec[i].len] for i in range(2)], names=True)
+    for i in range(2):
+        ctypes.memmove(answers.names[i], inbox.names[i], 16)
+    assert call(libc.sendmmsg, server, answers, 2) == 2
+    replies.arm()
+    assert call(libc.recvmmsg, client, replies, 2) == 2
+print(json.dumps({"server": server.getsockname()[1], "client": client.getsockname()[1]}))
+client.close()
+server.close()
+"""
+
+
+@pytest.mark.parametrize("build", ["l7.bpf.o", "l7_compat.bpf.o"])
+def test_sendmmsg_and_recvmmsg_report_each_datagram_from_its_slot(bpf_root: Path,
+                                                                  build: str) -> None:
+    """glibc's resolver sends A and AAAA with one sendmmsg; servers take datagrams in bulk
+    with recvmmsg. Each datagram is reported once, with its own payload and sender, and a
+    call that ends early (MSG_WAITFORONE) does not shift the next one. The client's close
+    ends its flow."""
+    with L7Probe(bpf_dir=bpf_root, build=build) as probe:
+        proc = subprocess.Popen([sys.executable, "-c", UDP_MMSG], stdout=subprocess.PIPE,
+                                text=True)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        ports, pid = json.loads(out), proc.pid
+        events = poll_until(probe, lambda evs: bool(
+            [e for e in evs if e.tgid == pid and e.kind == L7_CLOSE
+             and e.lport == ports["client"]]))
+    mine = [e for e in events if e.tgid == pid]
+
+    def ids(kind: int, lport: int) -> list[tuple[int, int]]:
+        return [(int.from_bytes(e.payload[:2], "big"), e.rport) for e in mine
+                if e.kind == kind and e.lport == lport]
+
+    client, server = ports["client"], ports["server"]
+    assert ids(L7_DATA_OUT, client) == [(q, server) for q in (1, 2, 3, 4)]
+    assert ids(L7_DATA_IN, server) == [(q, client) for q in (1, 2, 3, 4)]
+    assert ids(L7_DATA_OUT, server) == [(q, client) for q in (1, 2, 3, 4)]
+    assert ids(L7_DATA_IN, client) == [(q, server) for q in (1, 2, 3, 4)]
+    flows = {e.conn_id for e in mine if e.lport == client and e.kind != L7_CLOSE}
+    assert len(flows) == 1
+    assert {e.conn_id for e in mine if e.kind == L7_CLOSE and e.lport == client} == flows
