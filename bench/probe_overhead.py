@@ -354,12 +354,9 @@ def main() -> int:
               f"over {sum(n for _, n in cpu):,} events")
     last = stats_round
     if "bpf" in last:
-        enter = [v for k, v in last["bpf"].items() if "enter" in k]
-        exit_ = [v for k, v in last["bpf"].items() if "exit" in k]
-        for label, progs in (("sys_enter programs", enter), ("sys_exit programs", exit_)):
-            ns, cnt = sum(p[0] for p in progs), sum(p[1] for p in progs)
+        for name, (ns, cnt) in sorted(last["bpf"].items(), key=lambda kv: -kv[1][0]):
             if cnt:
-                print(f"{label}: {ns / cnt:,.0f} ns per run over {cnt:,} runs")
+                print(f"program {name}: {ns / cnt:,.0f} ns per run over {cnt:,} runs")
         kernel = last["probe"]["kernel"]
         allns = sum(v[0] for v in last["bpf"].values())
         if kernel.get("events"):
