@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -354,19 +355,28 @@ print(json.dumps({"server": server.getsockname()[1], "a": a.getsockname()[1],
 """
 
 
+def run_udp_script(bpf_root: Path, build: str, script: str,
+                   done: Callable[[list[RawEvent], dict[str, int]], bool],
+                   ) -> tuple[dict[str, int], list[RawEvent]]:
+    """Run ``script`` (it prints its ports as JSON) under the probe; poll until ``done`` holds
+    for the script's own events. Returns its ports and its events."""
+    with L7Probe(bpf_dir=bpf_root, build=build) as probe:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                text=True)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        ports, pid = json.loads(out), proc.pid
+        events = poll_until(probe, lambda evs: done([e for e in evs if e.tgid == pid], ports))
+    return ports, [e for e in events if e.tgid == pid]
+
+
 @pytest.mark.parametrize("build", ["l7.bpf.o", "l7_compat.bpf.o"])
 def test_udp_datagrams_carry_each_senders_address(bpf_root: Path, build: str) -> None:
     """A received datagram is attributed to the peer that sent it: the kernel writes the
     sender's address to recvfrom's src_addr / recvmsg's msg_name only as the syscall returns,
     after the socket layer has handed over the data."""
-    with L7Probe(bpf_dir=bpf_root, build=build) as probe:
-        proc = subprocess.Popen([sys.executable, "-c", UDP_PEERS], stdout=subprocess.PIPE,
-                                text=True)
-        out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0
-        ports, pid = json.loads(out), proc.pid
-        events = poll_until(probe, lambda evs: len([e for e in evs if e.tgid == pid]) >= 6)
-    mine = [e for e in events if e.tgid == pid]
+    ports, mine = run_udp_script(
+        bpf_root, build, UDP_PEERS, lambda evs, _: len(evs) >= 6)
     received = [(e.lport, e.rport) for e in mine
                 if e.kind == L7_DATA_IN and e.lport == ports["server"]]
     assert received == [(ports["server"], ports["first"]), (ports["server"], ports["second"])]
@@ -446,16 +456,8 @@ def test_sendmmsg_and_recvmmsg_report_each_datagram_from_its_slot(bpf_root: Path
     with recvmmsg. Each datagram is reported once, with its own payload and sender, and a
     call that ends early (MSG_WAITFORONE) does not shift the next one. The client's close
     ends its flow."""
-    with L7Probe(bpf_dir=bpf_root, build=build) as probe:
-        proc = subprocess.Popen([sys.executable, "-c", UDP_MMSG], stdout=subprocess.PIPE,
-                                text=True)
-        out, _ = proc.communicate(timeout=30)
-        assert proc.returncode == 0
-        ports, pid = json.loads(out), proc.pid
-        events = poll_until(probe, lambda evs: bool(
-            [e for e in evs if e.tgid == pid and e.kind == L7_CLOSE
-             and e.lport == ports["client"]]))
-    mine = [e for e in events if e.tgid == pid]
+    ports, mine = run_udp_script(bpf_root, build, UDP_MMSG, lambda evs, ports: any(
+        e.kind == L7_CLOSE and e.lport == ports["client"] for e in evs))
 
     def ids(kind: int, lport: int) -> list[tuple[int, int]]:
         return [(int.from_bytes(e.payload[:2], "big"), e.rport) for e in mine
