@@ -211,19 +211,23 @@ def test_wrk_load_loses_no_request(bpf_root: Path, nginx: Nginx) -> None:
         out, wrk_pid = wrk_while_draining(  # the probe's own loop: a 10 ms timer
             nginx.url(), ["-t2", "-c8", "-d2s"], lambda wrk: tally(probe.poll(10), wrk.pid))
 
-        # Requests still in flight at wrk's end: wait (bounded) until both sides agree.
+        completed = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+
+        # Every request wrk completed was sent by wrk and read by nginx: drain (bounded) until
+        # both sides have seen as many.
         def settled(evs: list[RawEvent]) -> bool:
             tally(evs, wrk_pid)
             evs.clear()
-            return counts["wrk_sent"] == counts["nginx_read"]
+            return min(counts["wrk_sent"], counts["nginx_read"]) >= completed
 
         poll_until(probe, settled, timeout=5)
         counters = probe.counters()
 
-    completed = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     assert completed > 1000
-    assert counts["wrk_sent"] == counts["nginx_read"]
-    assert completed <= counts["wrk_sent"] <= completed + 8  # at most one in flight per conn
+    # wrk stops with at most one request in flight per connection (8) and closes with the
+    # answer unread, which resets the connection: nginx may never read such a request (7 of
+    # 171,900 once, with both cores busy), so it can count fewer than wrk sent, never more.
+    assert completed <= counts["nginx_read"] <= counts["wrk_sent"] <= completed + 8
     assert counters["ringbuf_drops"] == 0
 
 
