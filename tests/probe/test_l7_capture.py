@@ -8,10 +8,12 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import msgpack
 import pytest
 from kubesight.probe.l7 import (
     L7_ACCEPT,
@@ -25,6 +27,7 @@ from kubesight.probe.l7 import (
     RawEvent,
 )
 from kubesight.probe.libbpf import BpfObject, ProbeLoadError
+from kubesight.probe.publisher import Publisher
 
 from .conftest import Nginx, poll_until, wrk_while_draining
 
@@ -194,41 +197,71 @@ def test_excluded_processes_emit_nothing(bpf_root: Path, nginx: Nginx) -> None:
             if e.rport in again_port] == [b"GET "]
 
 
-def test_wrk_load_loses_no_request(bpf_root: Path, nginx: Nginx) -> None:
-    counts: Counter[str] = Counter()
+class GetCounter:
+    """Stands in for the Kafka producer behind the probe's own publisher: counts, per
+    process, the sends and receives that start an HTTP GET in every message it is handed
+    (msgpack decoded in C: a Python object per event could not keep up with wrk)."""
 
-    def tally(batch: list[RawEvent], wrk_pid: int) -> None:
-        for e in batch:
-            counts["events"] += 1
-            if e.payload.startswith(b"GET "):
-                if e.kind == L7_DATA_OUT and e.tgid == wrk_pid:
-                    counts["wrk_sent"] += 1
-                elif e.kind == L7_DATA_IN and e.tgid in nginx.workers:
-                    counts["nginx_read"] += 1
+    def __init__(self) -> None:
+        self.gets: Counter[tuple[int, int]] = Counter()  # (tgid, kind) -> GETs
+
+    def produce(self, _topic: str, value: bytes, key: bytes, on_delivery: object) -> None:
+        msg = msgpack.unpackb(value)
+        tgid = msg["conn"]["tgid"]
+        for kind in (L7_DATA_OUT, L7_DATA_IN):
+            self.gets[tgid, kind] += sum(
+                1 for e in msg["events"] if e[0] == kind and e[3][:4] == b"GET ")
+
+    def poll(self, _timeout: float) -> int:
+        return 0
+
+
+def test_wrk_load_loses_no_request(bpf_root: Path, nginx: Nginx) -> None:
+    """Under wrk at full speed (two threads, eight connections), the probe's production path
+    (drain grouped in C, batches made into messages and released every 100 ms) delivers
+    every request both ends made. test_l7_records: the same through a ring that wraps."""
+    tally = GetCounter()
+    pub = Publisher(producer=tally, topic="raw", node="test", probe_id="test")
+    flushed = [time.monotonic()]
+
+    def drain(probe: L7Probe) -> None:  # what kubesight.probe.main.ProbeRunner does
+        probe.drain_into(pub.open, pub.sealed, offset_ns=pub.clock_offset_ns(),
+                             max_events=pub.batch_max_events, max_bytes=pub.batch_max_bytes)
+        if time.monotonic() - flushed[0] >= 0.1:
+            pub.flush()
+            flushed[0] = time.monotonic()
 
     # 64 MiB of ring absorbs the drain thread being descheduled on a busy 2-CPU machine.
     with L7Probe(ringbuf_bytes=64 << 20, bpf_dir=bpf_root) as probe:
-        out, wrk_pid = wrk_while_draining(  # the probe's own loop: a 10 ms timer
-            nginx.url(), ["-t2", "-c8", "-d2s"], lambda wrk: tally(probe.poll(10), wrk.pid))
+        def step(_wrk: subprocess.Popen[str]) -> None:
+            drain(probe)
+            time.sleep(0.01)  # the probe's own poll interval
 
+        out, wrk_pid = wrk_while_draining(nginx.url(), ["-t2", "-c8", "-d2s"], step)
         completed = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+
+        def counts() -> tuple[int, int]:
+            pub.flush()
+            return (tally.gets[wrk_pid, L7_DATA_OUT],
+                    sum(tally.gets[w, L7_DATA_IN] for w in nginx.workers))
 
         # Every request wrk completed was sent by wrk and read by nginx: drain (bounded) until
         # both sides have seen as many.
-        def settled(evs: list[RawEvent]) -> bool:
-            tally(evs, wrk_pid)
-            evs.clear()
-            return min(counts["wrk_sent"], counts["nginx_read"]) >= completed
-
-        poll_until(probe, settled, timeout=5)
+        deadline = time.monotonic() + 10
+        while min(counts()) < completed and time.monotonic() < deadline:
+            drain(probe)
+            time.sleep(0.01)
+        wrk_sent, nginx_read = counts()
         counters = probe.counters()
 
-    assert completed > 1000
+    seen = (f"wrk completed {completed}, sent {wrk_sent}, nginx read {nginx_read}, "
+            f"publisher {dict(pub.counters)}, kernel counters {counters}")
+    assert completed > 1000, seen
+    assert counters["ringbuf_drops"] == 0, seen
     # wrk stops with at most one request in flight per connection (8) and closes with the
     # answer unread, which resets the connection: nginx may never read such a request (7 of
     # 171,900 once, with both cores busy), so it can count fewer than wrk sent, never more.
-    assert completed <= counts["nginx_read"] <= counts["wrk_sent"] <= completed + 8
-    assert counters["ringbuf_drops"] == 0
+    assert completed <= nginx_read <= wrk_sent <= completed + 8, seen
 
 
 def test_without_drain_helper_the_ctypes_callback_path_delivers(bpf_root: Path, nginx: Nginx,

@@ -161,17 +161,19 @@ def test_wrk_through_a_small_ring_loses_no_request(bpf_root: Path, nginx: Nginx)
             return sum(1 for _, evs in drained.events(tgids) for ev in evs
                        if ev[0] == kind and ev[3].startswith(b"GET "))
 
-        for _ in range(100):  # requests still in flight at wrk's end: until both sides agree
+        completed = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+        for _ in range(100):  # until both ends have seen every request wrk completed
             drained.drain(probe)
-            if requests({wrk_pid}, L7_DATA_OUT) == requests(nginx.workers, L7_DATA_IN):
+            if min(requests({wrk_pid}, L7_DATA_OUT),
+                   requests(nginx.workers, L7_DATA_IN)) >= completed:
                 break
             tick.wait(0.05)
         counters = probe.counters()
         drained.drain(probe)
-    completed = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-    sent = requests({wrk_pid}, L7_DATA_OUT)
+    sent, read = requests({wrk_pid}, L7_DATA_OUT), requests(nginx.workers, L7_DATA_IN)
     assert counters["ringbuf_drops"] == 0
     assert completed * 4 * (8 + 104) > 8 << 20  # more went through than the ring holds
-    assert sent == requests(nginx.workers, L7_DATA_IN)
-    assert completed <= sent <= completed + 4  # at most one in flight per connection
+    # At most one request in flight per connection when wrk stops; nginx may not read one
+    # whose connection wrk resets (test_l7_capture.test_wrk_load_loses_no_request).
+    assert completed <= read <= sent <= completed + 4, (completed, read, sent)
     assert drained.count >= counters["events"]  # every record sent was drained
