@@ -1307,7 +1307,7 @@ static __always_inline int udp_recv_from(struct bpf_sock_addr *ctx, __u8 family)
 	if (family == AF_INET) {
 		word = ctx->user_ip4;
 		__builtin_memcpy(src.addr, &word, 4);
-	} else {
+	} else {	/* spelled out: a loop, even unrolled, moves the ctx pointer (verifier: EACCES) */
 		word = ctx->user_ip6[0];
 		__builtin_memcpy(src.addr, &word, 4);
 		word = ctx->user_ip6[1];

@@ -295,12 +295,14 @@ class BpfObject:
         cgroup programs at the root of the cgroup v2 hierarchy (every process on the host);
         uprobes name no binary and are attached one library at a time with
         ``attach_uprobe``. Returns the sections attached."""
+        cgroups: Path | None = None
         for section, prog in self.programs():
             if section.startswith(("uprobe", "uretprobe")):
                 continue
             try:
                 if section.startswith("cgroup/"):
-                    link = self._attach_cgroup(prog, section)
+                    cgroups = cgroups or cgroup2_root()
+                    link = self._attach_cgroup(prog, section, cgroups)
                 else:
                     link = _check_ptr(_prog_attach(prog), f"attach {section}")
             except OSError as exc:
@@ -309,8 +311,7 @@ class BpfObject:
         return [section for section, _ in self._links]
 
     @staticmethod
-    def _attach_cgroup(prog: int, section: str) -> int:
-        root = cgroup2_root()
+    def _attach_cgroup(prog: int, section: str, root: Path | None) -> int:
         if root is None:
             raise OSError(errno.ENOENT, "no cgroup v2 hierarchy is mounted (cgroup2 in "
                           "/proc/self/mountinfo)")
