@@ -165,9 +165,19 @@ class StreamsConfig:
     web_port: int = 6066
     app_id: str = "kubesight"
     nice: int = 5  # workers and sinks yield CPU to applications and the probe; Kafka buffers
+    # A partition with messages waiting whose position has not moved for this long (while a
+    # broker answers) is a stalled consumer: the worker logs why and kicks it, and exits for
+    # its supervisor to restart it if that has not helped after stall_restart_after_s more
+    # (streams/watchdog.py).
+    stall_after_s: float = 30.0
+    stall_restart_after_s: float = 60.0
 
 
     def __post_init__(self) -> None:
+        for key in ("stall_after_s", "stall_restart_after_s"):
+            if not 5 <= getattr(self, key) <= 3600:
+                raise ConfigError(f"streams.{key}: must be within 5..3600 seconds, got "
+                                  f"{getattr(self, key)}")
         if not -20 <= self.nice <= 19:
             raise ConfigError(f"streams.nice: must be within -20..19, got {self.nice}")
         if self.window_seconds < 1:

@@ -15,6 +15,8 @@ import collections
 import contextlib
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -41,6 +43,7 @@ from .identity import IdentityTable, K8sFollower
 from .network import MalformedNetworkBatch, NetworkAggregator, NetworkWindow, NetworkWindowStore
 from .protocols import ParserOptions
 from .reassembly import MalformedBatch, Reassembler
+from .watchdog import StallWatch, broker_answers, diagnose, kick, offsets
 
 log = logging.getLogger("kubesight.streams")
 
@@ -303,3 +306,90 @@ async def publish_health() -> None:
               "ts": time.time(), "counters": worker_counters()}
     await health_topic.send(key=f"{config.node_name}/worker/{INSTANCE}".encode(),
                             value=msgpack.packb(record))
+
+
+# --- the consumer's own health: input waiting but not read (streams/watchdog.py) -------------
+
+WATCH_INTERVAL_S = 5.0
+EXIT_STALLED = 70  # the exit status when a stalled worker has to be restarted
+exit_status: int | None = None  # set when the worker stops itself (streams/app.py main)
+_watch = StallWatch(config.streams.stall_after_s, config.streams.stall_restart_after_s)
+_inputs = {t.get_topic_name() for t in (raw_topic, meta_topic, series_topic, tcp_topic,
+                                        netseries_topic)}
+
+
+@app.timer(interval=WATCH_INTERVAL_S)  # type: ignore[untyped-decorator]
+async def watch_consumer() -> None:
+    try:
+        await _watch_once()
+    except Exception:  # the watch must never be what takes the worker down
+        log.exception("the stall watch failed")
+
+
+async def _watch_once() -> None:
+    import asyncio
+
+    now = time.monotonic()
+    watched = offsets(app, _inputs)
+    counters["watched_partitions"] = len(watched)  # 0 with partitions assigned: a blind watch
+    counters["watched_lag"] = sum(off.lag for off in watched.values())
+    stalled = _watch.stalled(now, watched)
+    if not stalled:
+        return
+    loop = asyncio.get_running_loop()
+    up = await loop.run_in_executor(None, broker_answers, config.kafka.librdkafka())
+    verdict = _watch.decide(now, stalled, up)
+    if verdict.action == "kick":
+        counters["consumer_stalls"] += 1
+        await _diagnose_and_kick(f"consumer stalled with a broker answering: "
+                                 f"{verdict.describe()}", stalled)
+    elif verdict.action == "restart":
+        log.critical("consumer still stalled %.0fs after the kick: %s\n%s\nexiting (status %d) "
+                     "for the supervisor to start a fresh worker", _watch.restart_after_s,
+                     verdict.describe(), _diagnosis(stalled), EXIT_STALLED)
+        _exit_for_restart()
+
+
+def _diagnosis(parts: dict[tuple[str, int], tuple[int, float]]) -> str:
+    try:  # reads Faust's and aiokafka's private state: must never take the worker down
+        return diagnose(app, parts, time.time() * 1000)
+    except Exception as exc:
+        return f"(no diagnosis: {type(exc).__name__}: {exc})"
+
+
+async def _diagnose_and_kick(why: str, parts: dict[tuple[str, int], tuple[int, float]]) -> None:
+    log.warning("%s\n%s", why, _diagnosis(parts))
+    try:
+        done = await kick(app, parts)
+    except Exception:
+        log.exception("kicking the consumer failed")
+        return
+    counters["consumer_kicks"] += 1
+    log.warning("kicked the consumer: %s", "; ".join(done) or "nothing to do")
+
+
+@app.task  # type: ignore[untyped-decorator]
+async def kick_on_sigusr2() -> None:
+    """``kill -USR2 <worker>``: log the consumer's state and kick it (harmless when healthy:
+    every input partition is re-seeked to its own position). Replaces mode's default for
+    SIGUSR2, which starts pdb on the worker's terminal."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        parts = {tp: (off.lag, 0.0) for tp, off in offsets(app, _inputs).items()}
+        loop.create_task(_diagnose_and_kick("SIGUSR2: the consumer's state", parts))
+
+    loop.add_signal_handler(signal.SIGUSR2, on_signal)
+
+
+def _exit_for_restart() -> None:
+    """Stop gracefully (commits what was processed, flushes the producer); if the stop itself
+    hangs, leave anyway."""
+    global exit_status
+    exit_status = EXIT_STALLED
+    timer = threading.Timer(30.0, os._exit, args=(EXIT_STALLED,))
+    timer.daemon = True
+    timer.start()
+    os.kill(os.getpid(), signal.SIGTERM)

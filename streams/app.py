@@ -41,6 +41,7 @@ from typing import Any
 import faust
 
 from kubesight import config as _config
+from kubesight.logs import quiet_repeats
 
 config = _config.load()
 
@@ -128,5 +129,14 @@ def main() -> None:
     from . import agents  # noqa: F401  (registers agents and timers on ``app``)
 
     Path(app.conf.datadir).parent.mkdir(parents=True, exist_ok=True)  # Faust makes one level
+    import aiokafka.client  # noqa: F401  (loaded by Faust on start; their loggers exist now)
+    import faust.transport.drivers.aiokafka  # noqa: F401
 
-    Worker(app, loglevel=config.log_level.upper(), quiet=True).execute_from_commandline()
+    quiet_repeats("aiokafka")  # one line per error per 10 s while a broker is away
+
+    try:
+        Worker(app, loglevel=config.log_level.upper(), quiet=True).execute_from_commandline()
+    except SystemExit:
+        if agents.exit_status is not None:  # the stall watch stopped it: say so to the supervisor
+            raise SystemExit(agents.exit_status) from None
+        raise

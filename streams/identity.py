@@ -25,6 +25,8 @@ from typing import Any
 
 import msgpack
 
+from kubesight.logs import RepeatFilter
+
 __all__ = ["IdentityTable", "K8sFollower", "PodIdentity", "ServiceIdentity"]
 
 log = logging.getLogger(__name__)
@@ -197,8 +199,11 @@ class K8sFollower:
 
     def __init__(self, librdkafka: dict[str, Any], topic: str, group: str,
                  table: IdentityTable) -> None:
+        rdlog = logging.getLogger("kubesight.streams.k8s_follower")
+        if not any(isinstance(f, RepeatFilter) for f in rdlog.filters):
+            rdlog.addFilter(RepeatFilter())  # librdkafka retries a lost broker every ~50 ms
         self._conf = {**librdkafka, "group.id": group, "enable.auto.commit": False,
-                      "auto.offset.reset": "earliest"}
+                      "auto.offset.reset": "earliest", "logger": rdlog}
         self._topic = topic
         self.table = table
         self.malformed = 0

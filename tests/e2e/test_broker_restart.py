@@ -7,6 +7,9 @@ are skipped by offset. Counts must still equal what wrk and nginx report.
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +26,10 @@ from .harness import Nginx, Pipeline, WrkResult, wait_for, wrk
 pytestmark = [pytest.mark.e2e, pytest.mark.bpf, pytest.mark.kafka]
 
 REQ = "kubesight_requests_total"
+
+
+def worker_counter(pipe: Pipeline, name: str) -> float:
+    return pipe.total("kubesight_pipeline_counter_total", component="worker", name=name)
 
 
 def test_no_request_lost_across_a_broker_restart(
@@ -59,5 +66,29 @@ def test_no_request_lost_across_a_broker_restart(
                         dst_workload="nginx")
         pipe.wait_total(server0 + nginx.served() - served0, REQ, timeout=60, side="server",
                         dst_workload="nginx")
+        # The stall watch (streams/watchdog.py) reads the real consumer: every input partition
+        # (raw, meta, series, tcp, netseries; 2 each) is watched, or it would be blind.
+        wait_for("the worker's stall watch to report its partitions",
+                 lambda: worker_counter(pipe, "watched_partitions") == 10, timeout=30)
+        assert pipe.components["worker"].alive()
+
+        # The watch's remedy, run on the real consumer (SIGUSR2 asks for it by hand): it logs
+        # every layer's state, re-seeks each partition to its own position, and loses nothing.
+        worker = pipe.components["worker"]
+        assert worker.proc is not None
+        os.kill(worker.proc.pid, signal.SIGUSR2)
+        wait_for("the worker to log its kick", lambda: re.search(
+            r"kicked the consumer: refreshed metadata, re-seeked 10 partition", worker.log_text()),
+            timeout=30)
+        log = worker.log_text()
+        assert re.search(r"faust: fetcher running, rebalancing False, flow active",
+                         log), log[-3000:]
+        assert re.search(r"aiokafka: fetch task running, coordination task running, "
+                         r"coordinator 1", log), log[-3000:]
+        client1 = pipe.total(REQ, side="client", dst_workload="nginx")
+        more = wrk(nginx.url + "/", connections=4, threads=1, seconds=2)
+        pipe.wait_total(client1 + more.requests, REQ, timeout=120, side="client",
+                        dst_workload="nginx")
+        assert worker.alive()
     finally:
         pipe.stop()
