@@ -338,7 +338,8 @@ async def _watch_once() -> None:
         return
     loop = asyncio.get_running_loop()
     up = await loop.run_in_executor(None, broker_answers, config.kafka.librdkafka())
-    verdict = _watch.decide(now, stalled, up)
+    verdict = _watch.decide(now, stalled, up,
+                            busy=bool(app.rebalancing or getattr(app, "in_recovery", False)))
     if verdict.action == "kick":
         counters["consumer_stalls"] += 1
         await _diagnose_and_kick(f"consumer stalled with a broker answering: "

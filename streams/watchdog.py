@@ -21,7 +21,9 @@ Both steps are counted (``consumer_stalls``, ``consumer_kicks``) in the worker's
 
 A broker outage is not a stall: while no broker answers, positions cannot move and kicking
 would only add noise, so the watch holds off until a fresh connection to a broker succeeds
-(``broker_answers``, an independent librdkafka client).
+(``broker_answers``, an independent librdkafka client). Nor, for a while, is a rebalance or a
+table restore, during which Faust holds its streams on purpose: the watch waits up to
+``busy_grace_s`` (10 min) before it treats one as a hang.
 """
 
 from __future__ import annotations
@@ -62,11 +64,13 @@ class Verdict:
 class StallWatch:
     """Tracks each partition's position over time; says when to kick and when to give up."""
 
-    def __init__(self, stall_after_s: float = 30.0, restart_after_s: float = 60.0) -> None:
-        if stall_after_s <= 0 or restart_after_s <= 0:
-            raise ValueError("stall_after_s and restart_after_s must be > 0")
+    def __init__(self, stall_after_s: float = 30.0, restart_after_s: float = 60.0,
+                 busy_grace_s: float = 600.0) -> None:
+        if min(stall_after_s, restart_after_s, busy_grace_s) <= 0:
+            raise ValueError("stall_after_s, restart_after_s and busy_grace_s must be > 0")
         self.stall_after_s = stall_after_s
         self.restart_after_s = restart_after_s
+        self.busy_grace_s = busy_grace_s
         self._last: dict[Partition, tuple[int | None, float]] = {}  # position, since when
         self._kicked_at: float | None = None
 
@@ -90,11 +94,13 @@ class StallWatch:
         return out
 
     def decide(self, now: float, stalled: Mapping[Partition, tuple[int, float]],
-               broker_up: bool) -> Verdict:
-        """What to do about ``stalled`` (from ``stalled()``), given whether a broker answers."""
+               broker_up: bool, busy: bool = False) -> Verdict:
+        """What to do about ``stalled`` (from ``stalled()``), given whether a broker answers
+        and whether Faust is busy rebalancing or restoring tables (when positions stand still
+        by design: held off for ``busy_grace_s``, in case that is what hangs)."""
         if not stalled:
             return Verdict("ok", {})
-        if not broker_up:
+        if not broker_up or (busy and max(s for _, s in stalled.values()) < self.busy_grace_s):
             return Verdict("wait", dict(stalled))
         if self._kicked_at is None:
             self._kicked_at = now

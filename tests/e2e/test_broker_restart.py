@@ -90,5 +90,12 @@ def test_no_request_lost_across_a_broker_restart(
         pipe.wait_total(client1 + more.requests, REQ, timeout=120, side="client",
                         dst_workload="nginx")
         assert worker.alive()
+        probe = pipe.series("kubesight_pipeline_counter_total", component="probe")
+        seen = {dict(lab)["name"]: v for lab, v in probe.items()}
+        print(f"\nbroker restart: {result.requests} requests; probe ring drops "
+              f"{seen.get('kernel_ringbuf_drops')}, longest drain gap "
+              f"{seen.get('drain_gap_max_ms')} ms (latest record); worker stalls "
+              f"{worker_counter(pipe, 'consumer_stalls')}, kicks "
+              f"{worker_counter(pipe, 'consumer_kicks')}")
     finally:
         pipe.stop()

@@ -58,6 +58,16 @@ def test_no_kick_while_no_broker_answers() -> None:
     assert look(watch, 660, raw=(100, 900)) == "restart"
 
 
+def test_a_rebalance_or_restore_is_given_time_but_not_forever() -> None:
+    watch = StallWatch(stall_after_s=30, restart_after_s=60, busy_grace_s=600)
+    offs = {RAW0: Offsets(100, 900)}
+    watch.stalled(0, offs)
+    for t in range(30, 600, 5):  # Faust holds its streams while it restores tables
+        assert watch.decide(t, watch.stalled(t, offs), True, busy=True).action == "wait"
+    assert watch.decide(600, watch.stalled(600, offs), True, busy=True).action == "kick"
+    assert watch.decide(660, watch.stalled(660, offs), True, busy=True).action == "restart"
+
+
 def test_stalled_reports_each_partition_and_forgets_revoked_ones() -> None:
     watch = StallWatch(stall_after_s=10, restart_after_s=10)
     both = {RAW0: Offsets(5, 50), RAW1: Offsets(7, 7)}
