@@ -43,7 +43,7 @@ from .identity import IdentityTable, K8sFollower
 from .network import MalformedNetworkBatch, NetworkAggregator, NetworkWindow, NetworkWindowStore
 from .protocols import ParserOptions
 from .reassembly import MalformedBatch, Reassembler
-from .watchdog import StallWatch, broker_answers, diagnose, kick, offsets
+from .watchdog import EndOffsets, StallWatch, diagnose, kick, offsets
 
 log = logging.getLogger("kubesight.streams")
 
@@ -314,6 +314,7 @@ WATCH_INTERVAL_S = 5.0
 EXIT_STALLED = 70  # the exit status when a stalled worker has to be restarted
 exit_status: int | None = None  # set when the worker stops itself (streams/app.py main)
 _watch = StallWatch(config.streams.stall_after_s, config.streams.stall_restart_after_s)
+_ends = EndOffsets(config.kafka.librdkafka(), f"{config.streams.app_id}-watch")  # never joins
 _inputs = {t.get_topic_name() for t in (raw_topic, meta_topic, series_topic, tcp_topic,
                                         netseries_topic)}
 
@@ -331,13 +332,18 @@ async def _watch_once() -> None:
 
     now = time.monotonic()
     watched = offsets(app, _inputs)
+    if not watched:
+        return
+    loop = asyncio.get_running_loop()
+    ends = await loop.run_in_executor(None, _ends.fetch, list(watched))
+    for tp, end in (ends or {}).items():
+        watched[tp].highwater = end
     counters["watched_partitions"] = len(watched)  # 0 with partitions assigned: a blind watch
     counters["watched_lag"] = sum(off.lag for off in watched.values())
     stalled = _watch.stalled(now, watched)
     if not stalled:
         return
-    loop = asyncio.get_running_loop()
-    up = await loop.run_in_executor(None, broker_answers, config.kafka.librdkafka())
+    up = ends is not None
     verdict = _watch.decide(now, stalled, up,
                             busy=bool(app.rebalancing or getattr(app, "in_recovery", False)))
     if verdict.action == "kick":

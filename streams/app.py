@@ -109,6 +109,7 @@ network_topic = _topic("network.v1")
 
 windows_table = app.Table(
     "golden-windows", partitions=config.kafka.partitions, default=None,
+    key_type=bytes, value_type=bytes,  # what sets the changelog's serializers (else json)
     schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
                         value_serializer="raw"),
 )
@@ -117,6 +118,7 @@ windows_table = app.Table(
 # Network windows (streams/network.py), mirrored like the golden windows.
 network_table = app.Table(
     "network-windows", partitions=config.kafka.partitions, default=None,
+    key_type=bytes, value_type=bytes,
     schema=faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
                         value_serializer="raw"),
 )

@@ -19,9 +19,12 @@ its own position, which drops aiokafka's fetch state for it). If that does not h
 Deployment) starts a fresh one, which resumes from the committed offsets and the changelog.
 Both steps are counted (``consumer_stalls``, ``consumer_kicks``) in the worker's health record.
 
-A broker outage is not a stall: while no broker answers, positions cannot move and kicking
-would only add noise, so the watch holds off until a fresh connection to a broker succeeds
-(``broker_answers``, an independent librdkafka client). Nor, for a while, is a rebalance or a
+Lag is measured against each partition's end offset as the broker reports it to a client of
+the watch's own (``EndOffsets``, librdkafka): aiokafka's highwater comes with its fetch
+responses, so a consumer whose fetches hang reports no lag at all (seen: a worker whose broker
+connections were black-holed showed lag 0 for 90 s). A broker outage is not a stall: while no
+broker answers that client, positions cannot move and kicking would only add noise, so the
+watch holds off. Nor, for a while, is a rebalance or a
 table restore, during which Faust holds its streams on purpose: the watch waits up to
 ``busy_grace_s`` (10 min) before it treats one as a hang.
 """
@@ -217,13 +220,33 @@ async def kick(app: Any, stalled: Mapping[Partition, tuple[int, float]],
     return done
 
 
-def broker_answers(librdkafka: Mapping[str, Any], timeout: float = 5.0) -> bool:
-    """Whether a fresh client gets cluster metadata from a broker (blocking: run it in a
-    thread)."""
-    from confluent_kafka.admin import AdminClient
+class EndOffsets:
+    """Each partition's end offset, asked of the broker by a client of its own (librdkafka):
+    aiokafka's ``highwater`` comes with its fetch responses, so a consumer whose fetches hang
+    would report no lag at all. None when no broker answers within ``timeout``. Blocking: call
+    it in a thread."""
 
-    try:
-        AdminClient(dict(librdkafka)).list_topics(timeout=timeout)
-    except Exception:  # KafkaException on timeout, anything else means the same here
-        return False
-    return True
+    def __init__(self, librdkafka: Mapping[str, Any], group: str) -> None:
+        self._conf = {**librdkafka, "group.id": group, "enable.auto.commit": False}
+        self._consumer: Any = None
+
+    def fetch(self, partitions: list[Partition], timeout: float = 5.0
+              ) -> dict[Partition, int] | None:
+        from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+        if self._consumer is None:
+            self._consumer = Consumer(self._conf)
+        out: dict[Partition, int] = {}
+        try:
+            for topic, part in partitions:
+                _low, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(topic, part), timeout=timeout, cached=False)
+                out[(topic, part)] = high
+        except KafkaException:
+            return None
+        return out
+
+    def close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None

@@ -7,11 +7,12 @@ requires the worker's health record to report every input partition watched.
 from __future__ import annotations
 
 import socket
+import uuid
 
 import pytest
 
 from kubesight.config import ConfigError, StreamsConfig
-from streams.watchdog import Offsets, StallWatch, broker_answers
+from streams.watchdog import EndOffsets, Offsets, StallWatch
 
 RAW0, RAW1 = ("raw.v1", 0), ("raw.v1", 1)
 
@@ -93,9 +94,27 @@ def test_config_rejects_thresholds_out_of_range(key: str, value: float) -> None:
 
 
 @pytest.mark.kafka
-def test_broker_answers_tells_a_broker_from_a_closed_port(kafka_bootstrap: str) -> None:
-    assert broker_answers({"bootstrap.servers": kafka_bootstrap}, timeout=20)
+def test_end_offsets_come_from_the_broker_or_none(kafka_bootstrap: str) -> None:
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = f"kswatch{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.create_topics([NewTopic(topic, num_partitions=2, replication_factor=1)])[topic].result(30)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for i in range(7):
+        producer.produce(topic, value=b"x", partition=i % 2)
+    assert producer.flush(30) == 0
+    ends = EndOffsets({"bootstrap.servers": kafka_bootstrap}, "kswatch-test")
+    try:
+        assert ends.fetch([(topic, 0), (topic, 1)], timeout=20) == {(topic, 0): 4, (topic, 1): 3}
+    finally:
+        ends.close()
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
-    assert not broker_answers({"bootstrap.servers": f"127.0.0.1:{closed}"}, timeout=2)
+    nobody = EndOffsets({"bootstrap.servers": f"127.0.0.1:{closed}"}, "kswatch-test")
+    try:
+        assert nobody.fetch([(topic, 0)], timeout=2) is None
+    finally:
+        nobody.close()
