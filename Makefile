@@ -20,7 +20,7 @@ KUBE_VERSION_LDFLAGS := -X $(KUBE_VERSION_PKG).gitVersion=$(KUBE_VERSION) \
 	-X $(KUBE_VERSION_PKG).gitMinor=$(word 2,$(KUBE_VERSION_WORDS))
 
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool libelf-dev zlib1g-dev make gcc \
-	maven openjdk-17-jre-headless nginx-light wrk curl iptables iproute2 python3-venv \
+	maven openjdk-17-jre-headless nginx-light wrk curl iptables nftables iproute2 python3-venv \
 	redis-server redis-tools postgresql postgresql-contrib mariadb-server mariadb-client \
 	dnsmasq-base bind9-dnsutils openssl conntrack etcd-server
 
