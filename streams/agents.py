@@ -11,6 +11,7 @@ windows table for the golden agent.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import logging
@@ -145,8 +146,6 @@ async def follow_k8s_identity() -> None:
     """Feed the identity table from k8s.v1, every partition from its start, on every worker
     (``K8sFollower``; not an agent: see there). librdkafka polls in a thread so the event
     loop never blocks on it."""
-    import asyncio
-
     loop = asyncio.get_running_loop()
     follower = K8sFollower(config.kafka.librdkafka(), config.topic("k8s.v1"),
                            f"{config.streams.app_id}-k8s", identity)
@@ -328,8 +327,8 @@ async def watch_consumer() -> None:
 
 
 async def _watch_once() -> None:
-    import asyncio
-
+    if exit_status is not None:  # already stopping for a restart
+        return
     now = time.monotonic()
     watched = offsets(app, _inputs)
     if not watched:
@@ -380,8 +379,6 @@ async def kick_on_sigusr2() -> None:
     """``kill -USR2 <worker>``: log the consumer's state and kick it (harmless when healthy:
     every input partition is re-seeked to its own position). Replaces mode's default for
     SIGUSR2, which starts pdb on the worker's terminal."""
-    import asyncio
-
     loop = asyncio.get_running_loop()
 
     def on_signal() -> None:

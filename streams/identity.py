@@ -30,6 +30,8 @@ from kubesight.logs import RepeatFilter
 __all__ = ["IdentityTable", "K8sFollower", "PodIdentity", "ServiceIdentity"]
 
 log = logging.getLogger(__name__)
+_rdkafka_log = logging.getLogger("kubesight.streams.k8s_follower")
+_rdkafka_log.addFilter(RepeatFilter())  # librdkafka retries a lost broker every ~50 ms
 
 _TERMINATED = ("Succeeded", "Failed")  # their IPs may already belong to another pod
 
@@ -199,11 +201,8 @@ class K8sFollower:
 
     def __init__(self, librdkafka: dict[str, Any], topic: str, group: str,
                  table: IdentityTable) -> None:
-        rdlog = logging.getLogger("kubesight.streams.k8s_follower")
-        if not any(isinstance(f, RepeatFilter) for f in rdlog.filters):
-            rdlog.addFilter(RepeatFilter())  # librdkafka retries a lost broker every ~50 ms
         self._conf = {**librdkafka, "group.id": group, "enable.auto.commit": False,
-                      "auto.offset.reset": "earliest", "logger": rdlog}
+                      "auto.offset.reset": "earliest", "logger": _rdkafka_log}
         self._topic = topic
         self.table = table
         self.malformed = 0
