@@ -1,7 +1,8 @@
 """The probe process: load the BPF programs, drain them on a timer, publish to Kafka.
 
 A straight line: start the kernel side, then loop { poll ring buffer; batch; flush on a timer;
-refresh exclusions, listeners and health on slower timers } until asked to stop. On stop it
+health on a slower one } until asked to stop. Exclusions, listeners, TLS libraries and node
+samples are refreshed on a housekeeping thread, the TCP health probe runs on its own. On stop it
 flushes what it holds and waits (bounded) for Kafka to acknowledge it.
 """
 
@@ -37,6 +38,8 @@ DRAIN_GAP_WARN_S = 0.5  # 64 MiB of ~256-byte records at ~390k events/s (wrk at 
 EXCLUSION_REFRESH_S = 2.0
 LISTENER_REFRESH_S = 5.0
 TLS_REFRESH_S = 2.0  # new processes' TLS libraries are probed within this
+SLOW_TASK_WARN_S = 0.5
+JOIN_TIMEOUT_S = 10.0
 
 
 class ProbeRunner:
@@ -65,7 +68,8 @@ class ProbeRunner:
         self._listeners: dict[tuple[str, int], node.Listener] = {}
         self._node_sampler = NodeSampler(top_n=config.probe.top_n)
         self._node_samples = self._node_dropped = 0
-        self._last_drain = self._drain_gap_max = 0.0
+        self._last_drain = self._drain_gap_max = self._drain_max = 0.0
+        self._drops_seen = 0  # kernel ring drops at the previous health record
         # TCP health per connection (bpf/tcp.bpf.c), next to the L7 probe on its own timers.
         self._tcp: TcpPublisher | None = None
         if config.probe.tcp:
@@ -84,35 +88,36 @@ class ProbeRunner:
         self._start_tcp()
         log.info("probe %s attached; publishing to %s on %s", self.probe_id,
                  self.config.topic("raw.v1"), self.config.kafka.bootstrap)
+        # The ring is drained on this thread and nothing else runs here that can take long:
+        # /proc walks and uprobe attaches are on a housekeeping thread, the TCP probe (map
+        # walks, /proc) on its own. In CI the ring once went 582 ms undrained under wrk.
+        threads = [threading.Thread(target=self._housekeeping, name="probe-housekeeping",
+                                    daemon=True)]
+        if self._tcp is not None:
+            threads.append(threading.Thread(target=self._tcp_loop, args=(self._tcp,),
+                                            name="probe-tcp", daemon=True))
+        for thread in threads:
+            thread.start()
         flush_s = cfg.flush_interval_ms / 1000
-        next_flush = next_excl = next_listen = next_health = next_tls = time.monotonic()
-        next_node = time.monotonic()
+        next_flush = next_health = time.monotonic()
         try:
             while not self._stop.is_set():
                 self._drain()
-                if self._tcp is not None:
-                    self._tcp.poll()
                 self._stop.wait(cfg.poll_interval_ms / 1000)
                 now = time.monotonic()
                 if now >= next_flush:
                     self.publisher.flush()
                     next_flush = now + flush_s
-                if now >= next_excl:
-                    self._refresh_exclusions()
-                    next_excl = now + EXCLUSION_REFRESH_S
-                if now >= next_listen:
-                    self._publish_listeners()
-                    next_listen = now + LISTENER_REFRESH_S
-                if now >= next_tls:
-                    self._kernel.scan_tls()
-                    next_tls = now + TLS_REFRESH_S
                 if now >= next_health:
                     self._publish_health()
                     next_health = now + cfg.health_interval_s
-                if now >= next_node:
-                    self._publish_node()
-                    next_node = now + cfg.node_interval_s
         finally:
+            self._stop.set()
+            for thread in threads:
+                thread.join(timeout=JOIN_TIMEOUT_S)
+                if thread.is_alive():
+                    log.error("%s thread did not stop within %.0f s", thread.name,
+                              JOIN_TIMEOUT_S)
             self._drain()
             self.publisher.flush()
             self._publish_health()
@@ -124,19 +129,58 @@ class ProbeRunner:
             if left:
                 log.error("%d Kafka messages not acknowledged at exit", left)
 
+    def _housekeeping(self) -> None:
+        """Exclusions, listeners, TLS libraries and node samples, each on its own timer; a
+        task that fails is logged and tried again at its next turn."""
+        tasks = [
+            ("exclusions refresh", self._refresh_exclusions, EXCLUSION_REFRESH_S),
+            ("listener scan", self._publish_listeners, LISTENER_REFRESH_S),
+            ("TLS library scan", self._kernel.scan_tls, TLS_REFRESH_S),
+            ("node sample", self._publish_node, self.config.probe.node_interval_s),
+        ]
+        due = [0.0] * len(tasks)
+        while not self._stop.is_set():
+            for i, (name, task, every_s) in enumerate(tasks):
+                start = time.monotonic()
+                if start < due[i]:
+                    continue
+                try:
+                    task()
+                except Exception:  # noqa: BLE001 - housekeeping must outlive one bad turn
+                    log.exception("%s failed; trying again in %.0f s", name, every_s)
+                took = time.monotonic() - start
+                if took >= SLOW_TASK_WARN_S:
+                    log.warning("%s took %.0f ms (the ring is drained on another thread)",
+                                name, took * 1000)
+                due[i] = start + every_s
+                if self._stop.is_set():
+                    return
+            self._stop.wait(max(0.01, min(due) - time.monotonic()))
+
+    def _tcp_loop(self, tcp: TcpPublisher) -> None:
+        interval = self.config.probe.poll_interval_ms / 1000
+        while not self._stop.is_set():
+            try:
+                tcp.poll()
+            except Exception:  # noqa: BLE001 - a TCP health failure must not stop L7 capture
+                log.exception("tcp probe poll failed")
+                self._stop.wait(1.0)
+            self._stop.wait(interval)
+
     def _drain(self) -> None:
         now = time.monotonic()
-        if self._last_drain:  # the longest wait between drains: what the ring must absorb
+        if self._last_drain:  # the longest the ring waited between drains: what it must absorb
             gap = now - self._last_drain
             self._drain_gap_max = max(self._drain_gap_max, gap)
             if gap >= DRAIN_GAP_WARN_S:
-                log.warning("the ring went %.0f ms without a drain (CPU starved, or a slow "
-                            "periodic task); events are lost if it fills", gap * 1000)
-        self._last_drain = now
+                log.warning("the ring went %.0f ms without a drain (CPU starved?); events are "
+                            "lost if it fills", gap * 1000)
         pub = self.publisher
         pub.count_in(self._kernel.drain_into(
             pub.open, pub.sealed, offset_ns=pub.clock_offset_ns(),
             max_events=pub.batch_max_events, max_bytes=pub.batch_max_bytes))
+        self._last_drain = time.monotonic()  # a long drain is consuming: the gap starts after
+        self._drain_max = max(self._drain_max, self._last_drain - now)
 
     def _start_tcp(self) -> None:
         """The TCP health probe is optional: a kernel that refuses it leaves the L7 probe
@@ -216,12 +260,21 @@ class ProbeRunner:
         counters["tcp_probe_up"] = int(self._tcp is not None)
         # Since the previous health record: the longest the ring went undrained (ms).
         counters["drain_gap_max_ms"] = round(self._drain_gap_max * 1000)
+        counters["drain_max_ms"] = round(self._drain_max * 1000)  # the longest single drain
         return {k: max(0, int(v)) for k, v in counters.items()}
 
     def _publish_health(self) -> None:
+        counters = self.health()
+        drops = counters.get("kernel_ringbuf_drops", 0)
+        if drops > self._drops_seen:  # say why, while the numbers that explain it are fresh
+            log.warning("%d events lost: the ring was full (longest wait between drains %d ms, "
+                        "longest drain %d ms since the last health record; probe.ringbuf_bytes "
+                        "is %d)", drops - self._drops_seen, counters["drain_gap_max_ms"],
+                        counters["drain_max_ms"], self.config.probe.ringbuf_bytes)
+        self._drops_seen = drops
         record = {"v": 1, "component": "probe", "node": self.config.node_name,
-                  "instance": self.probe_id, "ts": time.time(), "counters": self.health()}
-        self._drain_gap_max = 0.0
+                  "instance": self.probe_id, "ts": time.time(), "counters": counters}
+        self._drain_gap_max = self._drain_max = 0.0
         self._producer.produce(self.config.topic("health.v1"),
                                key=f"{self.config.node_name}/probe",
                                value=msgpack.packb(record))

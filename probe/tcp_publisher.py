@@ -82,8 +82,8 @@ def interval_record(conn: TcpConnection, prev: _Reported | None, *, event: str, 
 
 
 class TcpPublisher:
-    """Drains and snapshots a TcpProbe, produces tcp.v1 batches. ``poll()`` on every probe
-    loop iteration does all of it on its own timers."""
+    """Drains and snapshots a TcpProbe, produces tcp.v1 batches. ``poll()`` on every turn of the
+    probe's TCP thread does all of it on its own timers."""
 
     def __init__(self, probe: TcpProbe, *, producer: Producer, topic: str, node_name: str,
                  probe_id: str, excluded: set[int], snapshot_interval_s: float = 5.0,
@@ -211,7 +211,8 @@ class TcpPublisher:
         if conn.tgid or conn.peer_tgid or conn.conn_id in self._checked:
             return False
         if refresh and self._own_sockets_stale:
-            self._own_sockets = node.sockets_of(self._excluded)
+            # A copy: the probe's housekeeping thread adds to the live set.
+            self._own_sockets = node.sockets_of(set(self._excluded))
             self._own_sockets_stale = False
         self._checked.add(conn.conn_id)
         return (conn.laddr, conn.lport, conn.raddr, conn.rport) in self._own_sockets
@@ -255,5 +256,6 @@ class TcpPublisher:
     def stats(self) -> dict[str, int]:
         """Health counters, ``tcp_`` prefixed: the kernel's and this publisher's."""
         out = {f"tcp_kernel_{k}": v for k, v in self.probe.counters().items()}
-        out.update({f"tcp_{k}": v for k, v in self.counters.items()})
+        counters = dict(self.counters)  # copied at once: they change on the probe-tcp thread
+        out.update({f"tcp_{k}": v for k, v in counters.items()})
         return out
