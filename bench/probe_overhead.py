@@ -14,6 +14,10 @@ Modes, alternated round by round so drift in the machine hits all of them alike:
              a record of kind, size and payload prefix in the ring and nothing else (no
              connection identity, addresses, process name, TCP health); the reader drains and
              drops them. What full capture costs beyond it is what its features cost.
+  bare-batch (only with --modes ...,bare-batch) bare's records appended to a per-CPU buffer
+             in the kernel and put in the ring 16 KiB at a time (l7_bare_batch.bpf.o): what
+             batching in the kernel would save. Not a design (a quiet CPU's buffer is never
+             flushed), a measurement.
 
 nginx (one worker) runs on the first CPU and wrk (one thread, 16 connections) on the second;
 the probe is not pinned. Unpinned (--unpinned), where the scheduler puts them moves throughput
@@ -84,8 +88,9 @@ def _probe_child(mode: str, bootstrap: str) -> None:
 
     defaults = ProbeConfig()  # measure what kubesight runs with
     ringbuf = int(os.environ.get("KS_BENCH_RINGBUF", defaults.ringbuf_bytes))
-    if mode == "bare":
-        _bare_child(defaults.capture_bytes, ringbuf, lambda: stop)
+    if mode in ("bare", "bare-batch"):
+        _bare_child(defaults.capture_bytes, ringbuf, lambda: stop,
+                    build="l7_bare.bpf.o" if mode == "bare" else "l7_bare_batch.bpf.o")
         return
     probe = L7Probe(capture_bytes=defaults.capture_bytes, ringbuf_bytes=ringbuf,
                     filter_all=(mode == "filtered"))
@@ -123,8 +128,9 @@ def _probe_child(mode: str, bootstrap: str) -> None:
     print(json.dumps(stats), flush=True)
 
 
-def _bare_child(capture_bytes: int, ringbuf: int, stopped: Any) -> None:
-    """Mode ``bare``: the benchmark-only build, drained and dropped on the same timer."""
+def _bare_child(capture_bytes: int, ringbuf: int, stopped: Any, *, build: str) -> None:
+    """Modes ``bare`` and ``bare-batch``: a benchmark-only build, drained and dropped on the
+    same timer."""
     from kubesight.probe.l7 import DIRECT_RECORDS_KFUNC, L7Probe
     from kubesight.probe.libbpf import kernel_has_kfunc
 
@@ -134,7 +140,7 @@ def _bare_child(capture_bytes: int, ringbuf: int, stopped: Any) -> None:
         print(f"mode bare needs {DIRECT_RECORDS_KFUNC} (Linux >= 6.16)", flush=True)
         return
     probe = L7Probe(capture_bytes=capture_bytes, ringbuf_bytes=ringbuf, tls=False,
-                    build="l7_bare.bpf.o")
+                    build=build)
     probe.start()
     print("ready", flush=True)
     cpu0 = time.process_time()
@@ -251,7 +257,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--kafka", action="store_true", help="add the produce-to-local-broker mode")
     ap.add_argument("--modes", default="baseline,filtered,capture",
-                    help="comma-separated: baseline plus any of filtered,capture,bare "
+                    help="comma-separated: baseline plus any of filtered,capture,bare,"
+                         "bare-batch "
                          "(default: baseline,filtered,capture)")
     ap.add_argument("--unpinned", action="store_true",
                     help="let the scheduler place nginx and wrk (default: nginx on CPU 0, wrk "
@@ -270,8 +277,9 @@ def main() -> int:
         return 2
     modes = [m for m in args.modes.split(",") if m]
     if not modes or "baseline" not in modes or set(modes) - {"baseline", "filtered", "capture",
-                                                             "bare"}:
-        print("--modes: baseline plus any of filtered,capture,bare", file=sys.stderr)
+                                                             "bare", "bare-batch"}:
+        print("--modes: baseline plus any of filtered,capture,bare,bare-batch",
+              file=sys.stderr)
         return 2
     modes = ["baseline", *dict.fromkeys(m for m in modes if m != "baseline")]  # ratios to [0]
     broker = None

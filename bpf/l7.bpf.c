@@ -874,7 +874,64 @@ static __always_inline bool send_failed_dead(enum l7_kind kind, long ret)
 	return kind == L7_DATA_OUT && (ret == -EPIPE || ret == -ECONNRESET);
 }
 
-#ifdef L7_BARE
+#ifdef L7_BARE_BATCH
+/* Benchmark build only (bpf/build/l7_bare_batch.bpf.o, mode `bare-batch`): bare's record,
+ * appended to a per-CPU staging buffer instead, and the buffer put in the ring with one
+ * bpf_ringbuf_output when the next record does not fit. Asks whether batching records in the
+ * kernel would close the gap to the floor. Not a design: nothing flushes a quiet CPU's
+ * buffer, and only the first iovec is copied. Tracepoint programs run with preemption off, so
+ * one CPU's buffer has one writer at a time. */
+#define L7_STAGE_BYTES (16 * 1024)
+struct l7_stage {
+	__u32 used;
+	__u32 _pad;
+	__u8 data[L7_STAGE_BYTES + sizeof(struct l7_event)];	/* head + payload past the end */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct l7_stage);
+} stage SEC(".maps");
+
+static __always_inline int bare_event(const struct l7_args *args, long ret)
+{
+	__u32 zero = 0, used;
+	struct l7_stage *st = bpf_map_lookup_elem(&stage, &zero);
+	struct l7_event *ev;
+	struct iovec iov;
+	__u64 want = capture_len((__u64)ret), src = args->buf;
+
+	if (!st)
+		return 0;
+	used = st->used;
+	if (used > L7_STAGE_BYTES)
+		used = L7_STAGE_BYTES;
+	if (used + L7_HEAD_LEN + want > L7_STAGE_BYTES) {
+		if (bpf_ringbuf_output(&events, st->data, used, BPF_RB_NO_WAKEUP))
+			count(L7_CNT_RINGBUF_DROPS);
+		used = 0;
+	}
+	if (args->iovcnt) {
+		if (bpf_probe_read_user(&iov, sizeof(iov), (const void *)src))
+			return 0;
+		src = (__u64)iov.iov_base;
+		if (want > iov.iov_len)
+			want = iov.iov_len;
+	}
+	if (want > L7_CAPTURE_MAX)
+		want = L7_CAPTURE_MAX;
+	ev = (struct l7_event *)(st->data + used);
+	ev->kind = args->kind;
+	ev->size = ret;
+	ev->cap_len = want;
+	if (bpf_probe_read_user(st->data + used + L7_HEAD_LEN, want, (const void *)src))
+		ev->cap_len = 0;
+	st->used = used + L7_HEAD_LEN + ev->cap_len;
+	return 0;
+}
+#elif defined(L7_BARE)
 /* Benchmark build only (bpf/build/l7_bare.bpf.o, bench/probe_overhead.py mode `bare`): the
  * least any capture does for a TCP send or receive, to measure the rest against. A record of
  * kind, size and payload prefix: no connection identity, addresses, process name or TCP
