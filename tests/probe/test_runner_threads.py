@@ -10,13 +10,14 @@ drains, and a stop must still end every thread.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kubesight.probe.main import ProbeRunner
+from kubesight.probe.main import SENDER_NICE_STEP, ProbeRunner
 
 from kubesight.config import Config
 from tests.e2e.harness import wait_for
@@ -101,6 +102,8 @@ def runner_with(kernel: Kernel, tmp_path: Path) -> ProbeRunner:
     runner._node_samples = runner._node_dropped = 0
     runner._last_drain = runner._drain_gap_max = runner._drain_max = 0.0
     runner._drops_seen = 0
+    runner._drain_cpu = 0.0
+    runner._between = (0.0, 0.0, 0.0)
     runner._refresh_exclusions = lambda: None
     runner._publish_listeners = lambda: None
     runner._publish_node = lambda: None
@@ -170,3 +173,47 @@ def test_ring_drops_are_logged_with_the_drain_timings(tmp_path: Path,
 
     runner._publish_health()  # no new drops: nothing more said
     assert len([r for r in caplog.records if "events lost" in r.getMessage()]) == 1
+
+
+def test_kafka_sender_threads_run_nicer_than_the_drain(tmp_path: Path) -> None:
+    """A thread named like librdkafka's gets the drain's nice + SENDER_NICE_STEP; others keep
+    theirs. The thread names itself through /proc, as librdkafka does with prctl."""
+    runner = runner_with(Kernel(), tmp_path)
+    named, done = threading.Event(), threading.Event()
+    tids: dict[str, int] = {}
+
+    def thread(comm: str) -> None:
+        tid = threading.get_native_id()
+        Path(f"/proc/self/task/{tid}/comm").write_text(comm)
+        tids[comm] = tid
+        if len(tids) == 2:
+            named.set()
+        done.wait(timeout=30)
+
+    threads = [threading.Thread(target=thread, args=(c,), daemon=True)
+               for c in ("rdk:broker7", "not-a-sender")]
+    for t in threads:
+        t.start()
+    try:
+        assert named.wait(timeout=30)
+        runner._renice_senders()
+        drain = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert os.getpriority(os.PRIO_PROCESS, tids["rdk:broker7"]) == min(
+            19, drain + SENDER_NICE_STEP)
+        assert os.getpriority(os.PRIO_PROCESS, tids["not-a-sender"]) == drain
+    finally:
+        done.set()
+        for t in threads:
+            t.join(timeout=30)
+
+
+def test_a_drain_gap_is_logged_with_where_the_time_went(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    runner = runner_with(Kernel(), tmp_path)
+    runner._last_drain = time.monotonic() - 0.8
+    runner._between = (0.01, 0.7, 0.0)
+    runner._drain()
+    [message] = [r.getMessage() for r in caplog.records if "without a drain" in r.getMessage()]
+    assert message.startswith("the ring went 8")  # 800 ms and a little
+    assert "700 ms in flush" in message
+    assert runner._drain_gap_max >= 0.8
