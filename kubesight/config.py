@@ -102,8 +102,11 @@ class KafkaConfig:
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
     capture_bytes: int = 4096  # payload prefix captured per read/write (power of two)
-    # Absorbs bursts while the drain is starved of CPU: ~100k events of typical size.
-    ringbuf_bytes: int = 64 * 1024 * 1024
+    # Absorbs the time the drain gets no CPU. nginx + wrk flat out on two cores wrote ~1 KiB
+    # per event at 150k-290k events/s; the e2e tests saw a niced drain thread runnable without
+    # a CPU for 0.58-0.87 s. The drain now runs SCHED_RR where allowed; where it is not, 128
+    # MiB holds ~0.45-0.9 s of that load.
+    ringbuf_bytes: int = 128 * 1024 * 1024
     poll_interval_ms: int = 10  # events are submitted without wakeup; we poll on this timer
     batch_max_events: int = 512  # events per Kafka message (one connection per message)
     flush_interval_ms: int = 100
@@ -120,10 +123,15 @@ class ProbeConfig:
     # The probe must keep up with the kernel or events are dropped; the stream workers can lag
     # (Kafka buffers for them). So on a busy node the probe runs slightly ahead of others.
     nice: int = -5
+    # The drain thread runs SCHED_RR at this priority (1..99; 0 = a normal thread at probe.nice)
+    drain_rt_priority: int = 1
 
     def __post_init__(self) -> None:
         if not -20 <= self.nice <= 19:
             raise ConfigError(f"probe.nice: must be within -20..19, got {self.nice}")
+        if not 0 <= self.drain_rt_priority <= 99:
+            raise ConfigError("probe.drain_rt_priority: must be within 0..99 (0: not real-time), "
+                              f"got {self.drain_rt_priority}")
         cap = self.capture_bytes
         if cap < 64 or cap > 8192 or cap & (cap - 1):
             raise ConfigError(f"probe.capture_bytes: must be a power of two in 64..8192, got {cap}")

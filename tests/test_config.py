@@ -30,6 +30,7 @@ def test_file_and_environment_override(tmp_path) -> None:
     ("streams:\n  window_seconds: ten\n", {}, "streams.window_seconds: expected an integer"),
     ("", {"KUBESIGHT_PROBE__CAPTURE_BYTES": "1000"}, "probe.capture_bytes: must be a power of two"),
     ("", {"KUBESIGHT_PROBE__NICE": "-30"}, "probe.nice: must be within -20..19"),
+    ("probe:\n  drain_rt_priority: 100\n", {}, "probe.drain_rt_priority: must be within 0..99"),
     ("", {"KUBESIGHT_KAFKA__SECURITY_PROTOCOL": "TLS"}, "kafka.security_protocol: 'TLS'"),
     ("", {"KUBESIGHT_SINKS__PROMETHEUS__LISTN": "x"}, "sinks.prometheus.listn: unknown key"),
     ("streams:\n  slow_threshold_ms:\n    http: -1\n", {}, "streams.slow_threshold_ms.http"),

@@ -36,7 +36,7 @@ def test_nothing_is_privileged_and_everything_drops_all_capabilities() -> None:
 def test_only_the_probe_gets_capabilities_and_only_those_bpf_needs() -> None:
     probe = containers("DaemonSet")["probe"]
     assert sorted(probe["securityContext"]["capabilities"]["add"]) == [
-        "BPF", "DAC_READ_SEARCH", "NET_ADMIN", "PERFMON", "SYS_PTRACE"]
+        "BPF", "DAC_READ_SEARCH", "NET_ADMIN", "PERFMON", "SYS_NICE", "SYS_PTRACE"]
     for name, c in containers("Deployment").items():
         assert "add" not in c["securityContext"]["capabilities"], name
     for d in docs():

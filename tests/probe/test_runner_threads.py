@@ -117,6 +117,13 @@ def test_drains_go_on_while_a_tls_scan_blocks(tmp_path: Path) -> None:
     loop.start()
     try:
         assert kernel.scanning.wait(timeout=30), "the TLS scan never ran"
+        # The drain thread runs SCHED_RR (probe.drain_rt_priority 1, and root here); the
+        # housekeeping thread was started before and stays a normal thread.
+        assert loop.native_id is not None
+        assert os.sched_getscheduler(loop.native_id) == os.SCHED_RR
+        [house] = [t for t in threading.enumerate() if t.name == "probe-housekeeping"]
+        assert house.native_id is not None
+        assert os.sched_getscheduler(house.native_id) == os.SCHED_OTHER
         before = kernel.drains
         # poll_interval_ms is 10: 20 drains take ~0.2 s; a loop blocked by the scan does none.
         wait_for("20 drains while the TLS scan is blocked",
