@@ -125,10 +125,15 @@ class ProbeConfig:
     nice: int = -5
     # The drain thread runs SCHED_RR at this priority (1..99; 0 = a normal thread at probe.nice)
     drain_rt_priority: int = 1
+    # Memory for batches a down broker cannot take yet (librdkafka's queue and the overflow
+    # behind it); past it batches are dropped and counted. Keep it under the memory limit.
+    buffer_mb: int = 1024
 
     def __post_init__(self) -> None:
         if not -20 <= self.nice <= 19:
             raise ConfigError(f"probe.nice: must be within -20..19, got {self.nice}")
+        if not 16 <= self.buffer_mb <= 65536:
+            raise ConfigError(f"probe.buffer_mb: must be within 16..65536, got {self.buffer_mb}")
         if not 0 <= self.drain_rt_priority <= 99:
             raise ConfigError("probe.drain_rt_priority: must be within 0..99 (0: not real-time), "
                               f"got {self.drain_rt_priority}")

@@ -27,7 +27,7 @@ from .conntags import BackendLookup, ConnectionTagger
 from .cpu import NodeSampler
 from .l7 import L7Probe
 from .libbpf import ProbeError
-from .publisher import Publisher, producer_config
+from .publisher import Publisher, producer_config, split_buffer
 from .tcp import TcpProbe
 from .tcp_publisher import TcpPublisher
 
@@ -56,7 +56,9 @@ class ProbeRunner:
             filter_all=filter_all,
             tls=config.probe.tls,
         )
-        self._producer = Producer(producer_config(config.kafka.librdkafka()))
+        queue_kbytes, overflow_bytes = split_buffer(config.probe.buffer_mb)
+        self._producer = Producer(producer_config(config.kafka.librdkafka(),
+                                                  buffer_kbytes=queue_kbytes))
         # raw.v1 batches name their process's container/pod and a service call's backend pod.
         k8s = config.kubernetes
         self._tagger = ConnectionTagger(backends=BackendLookup(
@@ -64,6 +66,7 @@ class ProbeRunner:
         self.publisher = Publisher(
             producer=self._producer, topic=config.topic("raw.v1"), node=config.node_name,
             probe_id=self.probe_id, batch_max_events=config.probe.batch_max_events,
+            overflow_max_bytes=overflow_bytes,
             annotate=self._tagger.annotate,
         )
         self._listeners: dict[tuple[str, int], node.Listener] = {}
@@ -187,10 +190,9 @@ class ProbeRunner:
     def _renice_senders(self) -> None:
         """librdkafka's threads (lz4, sends) run SENDER_NICE_STEP nicer than the drain: the
         ring (probe.ringbuf_bytes) is the small buffer and the producer's queue (1 GiB) the
-        big one, so under CPU pressure the drain must win. Measured in the wrk e2e test at
-        the probe's own nice: the sender thread took 40-60% of a CPU and the drain thread
-        waited 60-80 ms of every 100 for one; the ring overflowed after 874 ms. Run on a
-        timer: librdkafka starts a thread per broker as it learns of them."""
+        big one, so under CPU pressure the drain must win (at the probe's own nice the
+        sender took 40-60% of a CPU in the wrk e2e test). Run on a timer: librdkafka starts
+        a thread per broker as it learns of them."""
         own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         target = min(19, own + SENDER_NICE_STEP)
         for tid, comm in _threads():

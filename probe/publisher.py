@@ -6,8 +6,10 @@ kernel's monotonic timestamps to wall-clock time, and hands the batches to an id
 compressing confluent-kafka producer.
 
 Nothing is dropped silently. A broker that is down means the producer buffers and retries
-(``message.timeout.ms=0``: no expiry); if librdkafka's own queue is full, batches wait in a
-bounded overflow queue; only beyond that is a batch dropped, and then it is counted.
+(``message.timeout.ms=0``: no expiry); if librdkafka's own queue is full, batches wait in an
+overflow queue. Both are bounded in bytes (``probe.buffer_mb`` between them), so an outage
+cannot take the probe past its memory limit; only beyond that is a batch dropped, and then
+it and its events are counted.
 """
 
 from __future__ import annotations
@@ -21,9 +23,12 @@ from typing import Any, Protocol
 import msgpack
 from confluent_kafka import KafkaError, Message, Producer
 
+from kubesight.logs import RepeatFilter
+
 from .l7 import L7_FLAG_TLS, ConnectionBatch, EncodedBatch, connection_meta
 
 log = logging.getLogger(__name__)
+log.addFilter(RepeatFilter(every_s=10.0))  # a long outage drops on every flush: once per 10 s
 
 _V, _ONE, _NODE, _PROBE, _SEQ, _CONN, _EVENTS = (
     msgpack.packb(x) for x in ("v", 1, "node", "probe", "seq", "conn", "events"))
@@ -61,8 +66,10 @@ class EventLike(Protocol):
     retrans: int
 
 
-def producer_config(base: Mapping[str, str]) -> dict[str, Any]:
-    """Settings for every kubesight producer: idempotent, compressed, never expiring."""
+def producer_config(base: Mapping[str, str], *, buffer_kbytes: int = 1_048_576
+                    ) -> dict[str, Any]:
+    """Settings for every kubesight producer: idempotent, compressed, never expiring, with
+    ``buffer_kbytes`` of queue for a broker outage (1 GiB unless the caller has a budget)."""
     conf: dict[str, Any] = dict(base)
     conf.update({
         "enable.idempotence": True,
@@ -72,10 +79,18 @@ def producer_config(base: Mapping[str, str]) -> dict[str, Any]:
         "batch.size": 1_000_000,
         "message.timeout.ms": 0,  # 0 = infinite: a broker outage means buffering, not loss
         "queue.buffering.max.messages": 1_000_000,
-        "queue.buffering.max.kbytes": 1_048_576,  # 1 GiB of outage buffer
+        "queue.buffering.max.kbytes": buffer_kbytes,
         "reconnect.backoff.max.ms": 2000,
     })
     return conf
+
+
+def split_buffer(buffer_mb: int) -> tuple[int, int]:
+    """probe.buffer_mb as (librdkafka's queue in KiB, the overflow queue in bytes): 3/4 and
+    1/4. The overflow holds what librdkafka refuses once its queue is full (by bytes, or by
+    its 1,000,000-message count), so the two together stay within the budget."""
+    total = buffer_mb * 1024 * 1024
+    return total * 3 // 4 // 1024, total // 4
 
 
 class Publisher:
@@ -83,7 +98,7 @@ class Publisher:
 
     def __init__(self, *, producer: Producer, topic: str, node: str, probe_id: str,
                  batch_max_events: int = 512, batch_max_bytes: int = MAX_MESSAGE_BYTES,
-                 overflow_max_batches: int = 100_000,
+                 overflow_max_bytes: int = 256 * 1024 * 1024,
                  clock: Callable[[], tuple[int, int]] | None = None,
                  annotate: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._producer = producer
@@ -97,8 +112,10 @@ class Publisher:
         # Filled by L7Probe.drain_into (the hot path) or by add(); emptied by flush().
         self.open: dict[int, ConnectionBatch] = {}
         self.sealed: list[ConnectionBatch] = []
-        self._overflow: collections.deque[tuple[bytes, bytes]] = collections.deque()
-        self._overflow_max = overflow_max_batches
+        # (key, value, events) that librdkafka refused (queue full), oldest first.
+        self._overflow: collections.deque[tuple[bytes, bytes, int]] = collections.deque()
+        self._overflow_max = overflow_max_bytes
+        self._overflow_bytes = 0
         self._seq = 0
         # Every message's head up to its seq: the node and the probe do not change.
         self._head = b"".join((b"\x86", _V, _ONE, _NODE, msgpack.packb(node), _PROBE,
@@ -146,9 +163,8 @@ class Publisher:
         for batch in batches:
             n = batch.n
             key, value = self._encode(batch, n)
-            self.counters["events_published"] += n
             batch.release()  # a held batch's buffer goes back to the drain, for the next
-            self._produce(key, value)
+            self._produce(key, value, n)
         self._producer.poll(0)
         return len(batches)
 
@@ -166,31 +182,41 @@ class Publisher:
         key = f"{self._node}/{self._probe_id}/{batch.conn_id}".encode()
         return key, value
 
-    def _produce(self, key: bytes, value: bytes) -> None:
-        if self._overflow:
-            self._queue_overflow(key, value)
+    def _produce(self, key: bytes, value: bytes, n: int) -> None:
+        if self._overflow:  # keep the order: behind what is already waiting
+            self._queue_overflow(key, value, n)
             return
         try:
             self._producer.produce(self._topic, value=value, key=key, on_delivery=self._delivered)
         except BufferError:
-            self._queue_overflow(key, value)
-
-    def _queue_overflow(self, key: bytes, value: bytes) -> None:
-        if len(self._overflow) >= self._overflow_max:
-            self.counters["overflow_dropped_batches"] += 1
+            self._queue_overflow(key, value, n)
             return
-        self._overflow.append((key, value))
+        self.counters["events_published"] += n
+
+    def _queue_overflow(self, key: bytes, value: bytes, n: int) -> None:
+        size = len(key) + len(value)
+        if self._overflow_bytes + size > self._overflow_max:
+            self.counters["overflow_dropped_batches"] += 1
+            self.counters["overflow_dropped_events"] += n
+            log.error("Kafka buffer full (librdkafka's queue and %d MiB of overflow): "
+                      "dropped a batch of %d events (overflow_dropped_events counts them)",
+                      self._overflow_max >> 20, n)
+            return
+        self._overflow.append((key, value, n))
+        self._overflow_bytes += size
         self.counters["overflow_queued_batches"] += 1
 
     def _drain_overflow(self) -> None:
         while self._overflow:
-            key, value = self._overflow[0]
+            key, value, n = self._overflow[0]
             try:
                 self._producer.produce(self._topic, value=value, key=key,
                                        on_delivery=self._delivered)
             except BufferError:
                 return
             self._overflow.popleft()
+            self._overflow_bytes -= len(key) + len(value)
+            self.counters["events_published"] += n
 
     def _delivered(self, err: KafkaError | None, _msg: Message) -> None:
         if err is None:
@@ -203,4 +229,5 @@ class Publisher:
         out = dict(self.counters)
         out["kafka_queue_len"] = len(self._producer)
         out["overflow_len"] = len(self._overflow)
+        out["overflow_bytes"] = self._overflow_bytes
         return out
