@@ -123,7 +123,7 @@ class ProbeConfig:
     # The probe must keep up with the kernel or events are dropped; the stream workers can lag
     # (Kafka buffers for them). So on a busy node the probe runs slightly ahead of others.
     nice: int = -5
-    # The drain thread runs SCHED_RR at this priority (1..99; 0 = a normal thread at probe.nice)
+    # While the ring fills fast the drain thread runs SCHED_RR at this priority (1..99; 0: never)
     drain_rt_priority: int = 1
     # Memory for batches a down broker cannot take yet (librdkafka's queue and the overflow
     # behind it); past it batches are dropped and counted. Keep it under the memory limit.

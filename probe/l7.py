@@ -888,6 +888,10 @@ class L7Probe:
         self._reader.drain(decode)
         return total
 
+    def pending_bytes(self) -> int | None:
+        """Bytes waiting in the ring now (None if the reader cannot tell)."""
+        return self._reader.pending() if self._reader is not None else None
+
     def discard(self) -> int:
         """Drain every available event and drop it; returns how many. The least a reader can
         do (bench/probe_overhead.py mode ``bare``)."""

@@ -460,6 +460,9 @@ class _DrainLib:
         self.group.argtypes = [_c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32,
                                _c_void_p, ctypes.c_size_t, _c_void_p, ctypes.c_size_t,
                                ctypes.POINTER(ctypes.c_uint64)]
+        self.pending = lib.ks_ring_pending
+        self.pending.restype = ctypes.c_size_t
+        self.pending.argtypes = [_c_void_p]
         # sizeof(struct ks_group), then its field offsets (tests/probe/test_layout.py).
         self.group_layout = (ctypes.c_uint32 * 8).in_dll(lib, "ks_group_layout")
 
@@ -535,6 +538,12 @@ class RingReader:
             self._chunks.clear()
             on_batch(memoryview(joined), len(joined))
         return n
+
+    def pending(self) -> int | None:
+        """Bytes committed to the ring and not drained yet (None without libksdrain.so)."""
+        if self._lib is None or self._ring is None:
+            return None
+        return int(self._lib.pending(self._ring))
 
     @property
     def can_group(self) -> bool:

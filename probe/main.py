@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ class ProbeRunner:
         self._drops_seen = 0  # kernel ring drops at the previous health record
         self._drain_cpu = 0.0  # this thread's CPU time at the end of the last drain
         self._between = (0.0, 0.0, 0.0)  # poll wait, flush, health since the last drain
+        self._priority = DrainPriority(0, config.probe.ringbuf_bytes)  # run() sets the real one
         # TCP health per connection (bpf/tcp.bpf.c), next to the L7 probe on its own timers.
         self._tcp: TcpPublisher | None = None
         if config.probe.tcp:
@@ -104,7 +106,8 @@ class ProbeRunner:
                                             name="probe-tcp", daemon=True))
         for thread in threads:
             thread.start()
-        self._realtime_drain(cfg.drain_rt_priority)  # after the threads: they would inherit it
+        # Created after the threads: a real-time policy would be inherited by them.
+        self._priority = DrainPriority(cfg.drain_rt_priority, cfg.ringbuf_bytes)
         flush_s = cfg.flush_interval_ms / 1000
         next_flush = next_health = time.monotonic()
         try:
@@ -139,24 +142,6 @@ class ProbeRunner:
             left = self._producer.flush(30)
             if left:
                 log.error("%d Kafka messages not acknowledged at exit", left)
-
-    def _realtime_drain(self, priority: int) -> None:
-        """Run this thread (the drain) SCHED_RR at ``priority`` (0: leave it SCHED_OTHER).
-
-        A niced thread still waits its turn: in the wrk e2e test the drain thread, at nice -5,
-        was runnable without a CPU for 0.58-0.87 s in ~1 of 7 runs, and the ring overflowed.
-        A real-time thread runs as soon as its poll timer fires. It needs ~3% of a CPU under
-        nginx + wrk flat out; the kernel's RT throttling (sched_rt_runtime_us) still keeps 5%
-        of every second for everything else should it ever spin."""
-        if priority <= 0:
-            return
-        try:
-            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(priority))
-        except OSError as exc:  # no CAP_SYS_NICE (a container without it): nice only
-            log.warning("drain thread stays SCHED_OTHER (SCHED_RR %d refused: %s); it may "
-                        "be starved of CPU on a busy node", priority, exc)
-            return
-        log.info("drain thread runs SCHED_RR priority %d", priority)
 
     def _housekeeping(self) -> None:
         """Exclusions, listeners, TLS libraries and node samples, each on its own timer; a
@@ -217,6 +202,9 @@ class ProbeRunner:
 
     def _drain(self) -> None:
         now = time.monotonic()
+        pending = self._kernel.pending_bytes()
+        if pending is not None and self._last_drain and now > self._last_drain:
+            self._priority.observe(pending / (now - self._last_drain), now)
         if self._last_drain:  # the longest the ring waited between drains: what it must absorb
             gap = now - self._last_drain
             self._drain_gap_max = max(self._drain_gap_max, gap)
@@ -315,6 +303,8 @@ class ProbeRunner:
         # Since the previous health record: the longest the ring went undrained (ms).
         counters["drain_gap_max_ms"] = round(self._drain_gap_max * 1000)
         counters["drain_max_ms"] = round(self._drain_max * 1000)  # the longest single drain
+        counters["drain_realtime"] = int(self._priority.realtime)
+        counters["drain_realtime_switches"] = self._priority.switches
         return {k: max(0, int(v)) for k, v in counters.items()}
 
     def _publish_health(self) -> None:
@@ -333,6 +323,67 @@ class ProbeRunner:
                                key=f"{self.config.node_name}/probe",
                                value=msgpack.packb(record))
         self._producer.poll(0)
+
+
+class DrainPriority:
+    """The drain thread runs SCHED_RR while the ring fills fast, and a normal thread otherwise.
+
+    At nice -5 the drain thread was at times runnable without a CPU for 0.58-0.87 s under
+    nginx + wrk flat out (the wrk e2e test, ~1 run in 7), and the ring overflowed; as
+    SCHED_RR its longest runqueue wait in 3 sampled runs was 7 ms. Always real-time, though,
+    it preempts the node's applications on every poll: wrk's own P99 (paced, 2,000 req/s)
+    came out 35% above what the syscalls saw, once in 3 runs. So: real-time from the first
+    drain that finds the ring would fill within ``HORIZON_S`` at the rate it is filling, back
+    to normal after ``CALM_S`` below half that rate. Refused (no CAP_SYS_NICE): said once,
+    then it stays a normal thread."""
+
+    HORIZON_S = 4.0
+    CALM_S = 10.0
+
+    def __init__(self, priority: int, ring_bytes: int, *,
+                 set_policy: Callable[[bool, int], None] | None = None) -> None:
+        self.priority = priority
+        self._hot_rate = ring_bytes / self.HORIZON_S  # bytes/s at which the ring fills in time
+        self._set_policy = set_policy or _set_policy
+        self.realtime = False
+        self.switches = 0
+        self._refused = priority <= 0
+        self._last_hot = 0.0
+
+    def observe(self, rate: float, now: float) -> None:
+        """``rate``: bytes per second the ring took since the previous drain."""
+        if self._refused:
+            return
+        if rate >= self._hot_rate:
+            self._last_hot = now
+            if not self.realtime:
+                self._switch(True, rate)
+        elif (self.realtime and rate < self._hot_rate / 2
+              and now - self._last_hot >= self.CALM_S):
+            self._switch(False, rate)
+
+    def _switch(self, realtime: bool, rate: float) -> None:
+        try:
+            self._set_policy(realtime, self.priority)
+        except OSError as exc:
+            self._refused = True
+            log.warning("drain thread stays a normal thread (SCHED_RR %d refused: %s); on a "
+                        "busy node it may be starved of CPU and the ring overflow",
+                        self.priority, exc)
+            return
+        self.realtime = realtime
+        self.switches += 1
+        log.info("drain thread %s (the ring is taking %.0f MiB/s)",
+                 f"runs SCHED_RR priority {self.priority}" if realtime else "is a normal thread "
+                 "again", rate / (1 << 20))
+
+
+def _set_policy(realtime: bool, priority: int) -> None:
+    """This thread SCHED_RR at priority, or back to SCHED_OTHER (its nice value is kept)."""
+    if realtime:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(priority))
+    else:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
 def _threads() -> list[tuple[int, str]]:

@@ -63,6 +63,9 @@ def test_latency_agrees_with_wrk(pipeline: Pipeline, nginx: Nginx, tmp_path: Pat
         if (s["side"], s["src_workload"], s["endpoint"]) == ("client", "wrk", "/items/{id}"):
             sketch.merge(LatencySketch.from_wire(rec["sketch"]))
     assert sketch.count == result.requests
+    print(f"latency: kubesight P50 {sketch.quantile(0.5) * 1000:.3f} ms P99 "
+          f"{sketch.quantile(0.99) * 1000:.3f} ms; wrk P50 {result.latency[50] * 1000:.3f} ms "
+          f"P99 {result.latency[99] * 1000:.3f} ms ({result.requests} requests)")
     for q, pct in ((0.5, 50), (0.99, 99)):
         ours, theirs = sketch.quantile(q), result.latency[pct]
         assert abs(ours - theirs) <= 0.25 * theirs, f"P{pct}: kubesight {ours} vs wrk {theirs}"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubesight.probe.main import SENDER_NICE_STEP, ProbeRunner
+from kubesight.probe.main import SENDER_NICE_STEP, DrainPriority, ProbeRunner
 
 from kubesight.config import Config
 from tests.e2e.harness import wait_for
@@ -30,6 +30,7 @@ class Kernel:
         self.release_scan = threading.Event()
         self.closed = False
         self.drops = 0
+        self.pending = 0  # bytes the ring holds before each drain
 
     def start(self) -> None:
         pass
@@ -37,6 +38,9 @@ class Kernel:
     def drain_into(self, *_: Any, **__: Any) -> int:
         self.drains += 1
         return 0
+
+    def pending_bytes(self) -> int:
+        return self.pending
 
     def scan_tls(self) -> list[str]:
         self.scanning.set()
@@ -102,6 +106,7 @@ def runner_with(kernel: Kernel, tmp_path: Path) -> ProbeRunner:
     runner._node_samples = runner._node_dropped = 0
     runner._last_drain = runner._drain_gap_max = runner._drain_max = 0.0
     runner._drops_seen = 0
+    runner._priority = DrainPriority(0, 1 << 20)
     runner._drain_cpu = 0.0
     runner._between = (0.0, 0.0, 0.0)
     runner._refresh_exclusions = lambda: None
@@ -112,15 +117,18 @@ def runner_with(kernel: Kernel, tmp_path: Path) -> ProbeRunner:
 
 def test_drains_go_on_while_a_tls_scan_blocks(tmp_path: Path) -> None:
     kernel = Kernel()
+    kernel.pending = 1 << 30  # the ring fills at ~100 GiB/s: the drain goes real-time
     runner = runner_with(kernel, tmp_path)
     loop = threading.Thread(target=runner.run, daemon=True)
     loop.start()
     try:
         assert kernel.scanning.wait(timeout=30), "the TLS scan never ran"
-        # The drain thread runs SCHED_RR (probe.drain_rt_priority 1, and root here); the
-        # housekeeping thread was started before and stays a normal thread.
-        assert loop.native_id is not None
-        assert os.sched_getscheduler(loop.native_id) == os.SCHED_RR
+        # The drain thread runs SCHED_RR (the ring fills fast, probe.drain_rt_priority 1,
+        # root here); the housekeeping thread was started before and stays a normal thread.
+        tid = loop.native_id
+        assert tid is not None
+        wait_for("the drain thread to go real-time",
+                 lambda: os.sched_getscheduler(tid) == os.SCHED_RR, timeout=30)
         [house] = [t for t in threading.enumerate() if t.name == "probe-housekeeping"]
         assert house.native_id is not None
         assert os.sched_getscheduler(house.native_id) == os.SCHED_OTHER
@@ -224,3 +232,47 @@ def test_a_drain_gap_is_logged_with_where_the_time_went(
     assert message.startswith("the ring went 8")  # 800 ms and a little
     assert "700 ms in flush" in message
     assert runner._drain_gap_max >= 0.8
+
+
+class Policy:
+    def __init__(self, refuse: bool = False) -> None:
+        self.calls: list[bool] = []
+        self.refuse = refuse
+
+    def __call__(self, realtime: bool, priority: int) -> None:
+        if self.refuse:
+            raise PermissionError(1, "Operation not permitted")
+        assert priority == 1
+        self.calls.append(realtime)
+
+
+def test_the_drain_is_real_time_only_while_the_ring_fills_fast() -> None:
+    policy = Policy()
+    prio = DrainPriority(1, 128 << 20, set_policy=policy)  # hot from 32 MiB/s
+    prio.observe(4 << 20, now=0.0)  # a paced load: stays a normal thread
+    assert policy.calls == [] and not prio.realtime
+    prio.observe(150 << 20, now=1.0)  # wrk flat out
+    assert policy.calls == [True] and prio.realtime
+    prio.observe(200 << 20, now=1.01)  # still hot: no second switch
+    prio.observe(1 << 20, now=5.0)  # quiet, but not for CALM_S yet
+    assert policy.calls == [True]
+    prio.observe(20 << 20, now=12.0)  # under the hot rate but above half of it: stays
+    assert policy.calls == [True]
+    prio.observe(1 << 20, now=12.01)  # 11 s after the last hot drain, and quiet
+    assert policy.calls == [True, False] and not prio.realtime
+    assert prio.switches == 2
+
+
+def test_a_refused_real_time_policy_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    prio = DrainPriority(1, 128 << 20, set_policy=Policy(refuse=True))
+    for t in range(5):
+        prio.observe(500 << 20, now=float(t))
+    assert not prio.realtime and prio.switches == 0
+    assert len([r for r in caplog.records if "SCHED_RR 1 refused" in r.getMessage()]) == 1
+
+
+def test_priority_zero_never_switches() -> None:
+    policy = Policy()
+    prio = DrainPriority(0, 1 << 20, set_policy=policy)
+    prio.observe(1 << 40, now=0.0)
+    assert policy.calls == []
