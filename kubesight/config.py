@@ -104,8 +104,8 @@ class ProbeConfig:
     capture_bytes: int = 4096  # payload prefix captured per read/write (power of two)
     # Absorbs the time the drain gets no CPU. nginx + wrk flat out on two cores wrote ~1 KiB
     # per event at 150k-290k events/s; the e2e tests saw a niced drain thread runnable without
-    # a CPU for 0.58-0.87 s. The drain now runs SCHED_RR where allowed; where it is not, 128
-    # MiB holds ~0.45-0.9 s of that load.
+    # a CPU for 0.58-0.87 s. Under such load the drain runs SCHED_RR where allowed
+    # (drain_rt_priority); where it is not, 128 MiB holds ~0.45-0.9 s of it.
     ringbuf_bytes: int = 128 * 1024 * 1024
     poll_interval_ms: int = 10  # events are submitted without wakeup; we poll on this timer
     batch_max_events: int = 512  # events per Kafka message (one connection per message)
