@@ -77,7 +77,10 @@ class ProbeRunner:
         self._drops_seen = 0  # kernel ring drops at the previous health record
         self._drain_cpu = 0.0  # this thread's CPU time at the end of the last drain
         self._between = (0.0, 0.0, 0.0)  # poll wait, flush, health since the last drain
-        self._priority = DrainPriority(0, config.probe.ringbuf_bytes)  # run() sets the real one
+        # Switches only from _drain(), once run() has started the other threads (a real-time
+        # policy is inherited by threads started after it).
+        self._priority = DrainPriority(config.probe.drain_rt_priority,
+                                       config.probe.ringbuf_bytes)
         # TCP health per connection (bpf/tcp.bpf.c), next to the L7 probe on its own timers.
         self._tcp: TcpPublisher | None = None
         if config.probe.tcp:
@@ -106,8 +109,6 @@ class ProbeRunner:
                                             name="probe-tcp", daemon=True))
         for thread in threads:
             thread.start()
-        # Created after the threads: a real-time policy would be inherited by them.
-        self._priority = DrainPriority(cfg.drain_rt_priority, cfg.ringbuf_bytes)
         flush_s = cfg.flush_interval_ms / 1000
         next_flush = next_health = time.monotonic()
         try:

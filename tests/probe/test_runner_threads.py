@@ -106,7 +106,8 @@ def runner_with(kernel: Kernel, tmp_path: Path) -> ProbeRunner:
     runner._node_samples = runner._node_dropped = 0
     runner._last_drain = runner._drain_gap_max = runner._drain_max = 0.0
     runner._drops_seen = 0
-    runner._priority = DrainPriority(0, 1 << 20)
+    runner._priority = DrainPriority(runner.config.probe.drain_rt_priority,
+                                     runner.config.probe.ringbuf_bytes)
     runner._drain_cpu = 0.0
     runner._between = (0.0, 0.0, 0.0)
     runner._refresh_exclusions = lambda: None
