@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import socket
 import subprocess
 import uuid
@@ -31,11 +32,36 @@ log = logging.getLogger("kubesight.tests")
 DEFAULT_KAFKA_IMAGE = "confluentinc/cp-kafka:7.6.1"
 
 
+def _ephemeral_low() -> int:
+    """The first port the kernel hands out to connect() without a bind (32768 by default)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct TCP ports that are free right now (held open together while choosing)."""
+    """``n`` distinct TCP ports that are free right now (held open together while choosing).
+
+    They come from below the ephemeral range: a port the kernel picked with bind(0) can be
+    handed to some client's connect() before the listener that was meant to get it binds it.
+    CI saw it: the metrics port was a worker's local port to the broker, and the worker-stall
+    test's black hole for that connection swallowed the scrapes too."""
+    rng = random.Random()
+    high = max(_ephemeral_low(), 2048)
     socks: list[socket.socket] = []
     try:
-        for _ in range(n):
+        for _ in range(200 * n):
+            if len(socks) == n:
+                break
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                s.bind((host, rng.randrange(max(1024, high // 2), high)))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < n:  # the low range is crowded: fall back on the kernel's choice
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             s.bind((host, 0))
             socks.append(s)

@@ -4,9 +4,10 @@ and exit with status 70; a fresh worker, as the supervisor starts one, then coun
 made during the hang.
 
 The hang is made with nftables: every TCP connection the worker holds to the broker at that
-moment is black-holed in both directions (matched by its local port), so aiokafka waits on them
-until its request timeout (Faust's default: 90 s) while new connections, the watch's own
-end-offset queries among them, go through. Thresholds are lowered to the minimum (5 s + 5 s).
+moment is black-holed in both directions (matched by its local port and the broker's), so
+aiokafka waits on them until its request timeout (Faust's default: 90 s) while new
+connections, the watch's own end-offset queries among them, go through. Thresholds are
+lowered to the minimum (5 s + 5 s).
 """
 
 from __future__ import annotations
@@ -46,17 +47,22 @@ def connections_to(pid: int, port: int) -> set[int]:
 
 
 @pytest.fixture
-def blackhole() -> Iterator[Callable[[set[int]], None]]:
+def blackhole() -> Iterator[Callable[[set[int], int], None]]:
     if shutil.which("nft") is None:
         pytest.skip("nft (nftables) is not installed")
     made = []
 
-    def drop(ports: set[int]) -> None:
+    def drop(ports: set[int], broker: int) -> None:
+        """Drop both directions of the connections from local ``ports`` to port ``broker``,
+        and nothing else (a listener that happens to share a port number stays reachable)."""
         spec = ", ".join(str(p) for p in sorted(ports))
         subprocess.run(["nft", "-f", "-"], check=True, text=True, input=f"""
 table inet {TABLE} {{
-  chain out {{ type filter hook output priority 0; tcp sport {{ {spec} }} drop; }}
-  chain in {{ type filter hook input priority 0; tcp dport {{ {spec} }} drop; }}
+  chain out {{
+    type filter hook output priority 0;
+    tcp sport {{ {spec} }} tcp dport {broker} drop;
+    tcp sport {broker} tcp dport {{ {spec} }} drop;
+  }}
 }}
 """)
         made.append(TABLE)
@@ -67,7 +73,7 @@ table inet {TABLE} {{
 
 
 def test_a_hung_worker_is_noticed_kicked_and_restarted_without_loss(
-        kafka_bootstrap: str, nginx: Nginx, blackhole: Callable[[set[int]], None],
+        kafka_bootstrap: str, nginx: Nginx, blackhole: Callable[[set[int], int], None],
         tmp_path: Path) -> None:
     _need_root_and_bpf()
     base = Config(kafka=KafkaConfig(bootstrap_servers=kafka_bootstrap,
@@ -87,7 +93,7 @@ def test_a_hung_worker_is_noticed_kicked_and_restarted_without_loss(
 
         ports = connections_to(worker.proc.pid, port)
         assert ports, "the worker holds no connection to the broker"
-        blackhole(ports)
+        blackhole(ports, port)
         for _ in range(50):  # made while the worker hangs: they wait in raw.v1
             assert curl(nginx.url + "/small") == 200
 
