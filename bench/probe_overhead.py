@@ -51,6 +51,20 @@ sys.path.insert(0, str(REPO))
 
 from tests.e2e.harness import Nginx, WrkResult, wait_for, wrk  # noqa: E402
 
+MODES = ("filtered", "capture", "bare", "bare-batch")
+
+
+def _split_ring(mode: str) -> tuple[str, int]:
+    """``capture@4m`` -> ("capture", 4 MiB): a mode with a ring of its own size (0: default)."""
+    name, _, size = mode.partition("@")
+    if not size:
+        return name, 0
+    units = {"k": 1 << 10, "m": 1 << 20}
+    ring = int(size[:-1]) * units[size[-1].lower()] if size[-1].lower() in units else int(size)
+    if ring < 4096 or ring & (ring - 1):
+        raise ValueError(f"{mode}: the ring size must be a power of two >= 4k")
+    return name, ring
+
 
 def _probe_child(mode: str, bootstrap: str) -> None:
     """Run inside the child process: attach, drain until SIGTERM, print stats as JSON."""
@@ -87,7 +101,8 @@ def _probe_child(mode: str, bootstrap: str) -> None:
     from kubesight.config import ProbeConfig
 
     defaults = ProbeConfig()  # measure what kubesight runs with
-    ringbuf = int(os.environ.get("KS_BENCH_RINGBUF", defaults.ringbuf_bytes))
+    mode, ring = _split_ring(mode)
+    ringbuf = ring or int(os.environ.get("KS_BENCH_RINGBUF", defaults.ringbuf_bytes))
     if mode in ("bare", "bare-batch"):
         _bare_child(defaults.capture_bytes, ringbuf, lambda: stop,
                     build="l7_bare.bpf.o" if mode == "bare" else "l7_bare_batch.bpf.o")
@@ -258,8 +273,8 @@ def main() -> int:
     ap.add_argument("--kafka", action="store_true", help="add the produce-to-local-broker mode")
     ap.add_argument("--modes", default="baseline,filtered,capture",
                     help="comma-separated: baseline plus any of filtered,capture,bare,"
-                         "bare-batch "
-                         "(default: baseline,filtered,capture)")
+                         "bare-batch, each optionally with a ring size of its own, as in "
+                         "capture@4m (default: baseline,filtered,capture)")
     ap.add_argument("--unpinned", action="store_true",
                     help="let the scheduler place nginx and wrk (default: nginx on CPU 0, wrk "
                          "on CPU 1; unpinned, where they land moves throughput by +-20%%)")
@@ -276,10 +291,14 @@ def main() -> int:
         print("probe overhead needs root (BPF)", file=sys.stderr)
         return 2
     modes = [m for m in args.modes.split(",") if m]
-    if not modes or "baseline" not in modes or set(modes) - {"baseline", "filtered", "capture",
-                                                             "bare", "bare-batch"}:
-        print("--modes: baseline plus any of filtered,capture,bare,bare-batch",
-              file=sys.stderr)
+    try:
+        bad = [m for m in modes if m != "baseline" and _split_ring(m)[0] not in MODES]
+    except ValueError as exc:
+        print(f"--modes: {exc}", file=sys.stderr)
+        return 2
+    if not modes or "baseline" not in modes or bad:
+        print("--modes: baseline plus any of filtered,capture,bare,bare-batch (each may add "
+              "@<ring size>, e.g. capture@4m)", file=sys.stderr)
         return 2
     modes = ["baseline", *dict.fromkeys(m for m in modes if m != "baseline")]  # ratios to [0]
     broker = None
@@ -352,14 +371,15 @@ def main() -> int:
     for mode in modes:
         per_req = statistics.median(x["cpu_s"] / x["requests"] for x in results[mode])
         print(f"{mode:<10} {per_req * 1e6:>12.2f}   {base_cpu / per_req:>17.3f}")
-    if "capture" not in results:
-        return 0
-    cpu = [(x["probe"]["cpu_s"], x["probe"]["kernel"]["events"]) for x in results["capture"]
-           if x.get("probe", {}).get("kernel", {}).get("events")]
-    if cpu:
-        print(f"probe user side (drain, group, encode): "
-              f"{sum(c for c, _ in cpu) / sum(n for _, n in cpu) * 1e9:,.0f} ns CPU per event "
-              f"over {sum(n for _, n in cpu):,} events")
+    for mode in modes:
+        if _split_ring(mode)[0] != "capture" and mode != "compare":
+            continue
+        cpu = [(x["probe"]["cpu_s"], x["probe"]["kernel"]["events"]) for x in results[mode]
+               if x.get("probe", {}).get("kernel", {}).get("events")]
+        if cpu:
+            print(f"{mode}: probe user side (drain, group, encode): "
+                  f"{sum(c for c, _ in cpu) / sum(n for _, n in cpu) * 1e9:,.0f} ns CPU per "
+                  f"event over {sum(n for _, n in cpu):,} events")
     last = stats_round
     if "bpf" in last:
         for name, (ns, cnt) in sorted(last["bpf"].items(), key=lambda kv: -kv[1][0]):
