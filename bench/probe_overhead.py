@@ -18,6 +18,13 @@ Modes, alternated round by round so drift in the machine hits all of them alike:
              in the kernel and put in the ring 16 KiB at a time (l7_bare_batch.bpf.o): what
              batching in the kernel would save. Not a design (a quiet CPU's buffer is never
              flushed), a measurement.
+  capture-drop  (only with --modes) full capture's kernel side, drained and dropped
+  capture-batch (only with --modes) full capture with data events batched per CPU in the
+             kernel (l7_batch.bpf.o), each CPU flushed by the reader before each drain
+             (flush_stage, BPF_PROG_TEST_RUN on that CPU); drained and dropped like
+             capture-drop, so the two differ only in the kernel
+  A mode may name a ring size and a capture size of its own: capture@4m, capture#256,
+  capture-batch@8m#512.
 
 nginx (one worker) runs on the first CPU and wrk (one thread, 16 connections) on the second;
 the probe is not pinned. Unpinned (--unpinned), where the scheduler puts them moves throughput
@@ -51,19 +58,40 @@ sys.path.insert(0, str(REPO))
 
 from tests.e2e.harness import Nginx, WrkResult, wait_for, wrk  # noqa: E402
 
-MODES = ("filtered", "capture", "bare", "bare-batch")
+MODES = ("filtered", "capture", "bare", "bare-batch", "capture-drop", "capture-batch")
+STATS_MODES = ("capture", "capture-drop", "capture-batch")  # each gets a bpf_stats round
+DRAIN_AND_DROP = {"bare": "l7_bare.bpf.o", "bare-batch": "l7_bare_batch.bpf.o",
+                  "capture-drop": "l7.bpf.o", "capture-batch": "l7_batch.bpf.o"}
 
 
 def _split_ring(mode: str) -> tuple[str, int]:
-    """``capture@4m`` -> ("capture", 4 MiB): a mode with a ring of its own size (0: default)."""
+    """``capture@4m`` -> ("capture", 4 MiB): a mode with a ring of its own size (0: default).
+    A ``#<bytes>`` suffix (``capture#256``, ``capture@4m#256``) is the capture size, left on
+    the name for _split_capture."""
     name, _, size = mode.partition("@")
+    size, hash_, cap = size.partition("#")
     if not size:
         return name, 0
     units = {"k": 1 << 10, "m": 1 << 20}
     ring = int(size[:-1]) * units[size[-1].lower()] if size[-1].lower() in units else int(size)
     if ring < 4096 or ring & (ring - 1):
         raise ValueError(f"{mode}: the ring size must be a power of two >= 4k")
-    return name, ring
+    return name + hash_ + cap, ring
+
+
+def _split_capture(mode: str) -> tuple[str, int]:
+    """``capture#256`` -> ("capture", 256): payload bytes captured per event (0: default)."""
+    name, _, cap = mode.partition("#")
+    if not cap:
+        return name, 0
+    if not cap.isdigit() or int(cap) < 64 or int(cap) > 8192 or int(cap) & (int(cap) - 1):
+        raise ValueError(f"{mode}: the capture size must be a power of two in 64..8192")
+    return name, int(cap)
+
+
+def _mode_name(mode: str) -> str:
+    """The mode without its ring and capture sizes."""
+    return _split_capture(_split_ring(mode)[0])[0]
 
 
 def _probe_child(mode: str, bootstrap: str) -> None:
@@ -102,12 +130,14 @@ def _probe_child(mode: str, bootstrap: str) -> None:
 
     defaults = ProbeConfig()  # measure what kubesight runs with
     mode, ring = _split_ring(mode)
+    mode, cap = _split_capture(mode)
     ringbuf = ring or int(os.environ.get("KS_BENCH_RINGBUF", defaults.ringbuf_bytes))
-    if mode in ("bare", "bare-batch"):
-        _bare_child(defaults.capture_bytes, ringbuf, lambda: stop,
-                    build="l7_bare.bpf.o" if mode == "bare" else "l7_bare_batch.bpf.o")
+    capture_bytes = cap or defaults.capture_bytes
+    if mode in DRAIN_AND_DROP:
+        _bare_child(capture_bytes, ringbuf, lambda: stop, build=DRAIN_AND_DROP[mode],
+                    flush=mode == "capture-batch")
         return
-    probe = L7Probe(capture_bytes=defaults.capture_bytes, ringbuf_bytes=ringbuf,
+    probe = L7Probe(capture_bytes=capture_bytes, ringbuf_bytes=ringbuf,
                     filter_all=(mode == "filtered"))
     producer: Any
     if mode == "kafka":
@@ -143,9 +173,11 @@ def _probe_child(mode: str, bootstrap: str) -> None:
     print(json.dumps(stats), flush=True)
 
 
-def _bare_child(capture_bytes: int, ringbuf: int, stopped: Any, *, build: str) -> None:
-    """Modes ``bare`` and ``bare-batch``: a benchmark-only build, drained and dropped on the
-    same timer."""
+def _bare_child(capture_bytes: int, ringbuf: int, stopped: Any, *, build: str,
+                flush: bool = False) -> None:
+    """Modes ``bare``, ``bare-batch``, ``capture-drop`` and ``capture-batch``: a build drained
+    and dropped on the same timer; with ``flush``, each CPU's staged events are flushed to the
+    ring first (flush_stage run on every CPU, again while that CPU is mid-append)."""
     from kubesight.probe.l7 import DIRECT_RECORDS_KFUNC, L7Probe
     from kubesight.probe.libbpf import kernel_has_kfunc
 
@@ -158,13 +190,30 @@ def _bare_child(capture_bytes: int, ringbuf: int, stopped: Any, *, build: str) -
                     build=build)
     probe.start()
     print("ready", flush=True)
+    cpus = sorted(os.sched_getaffinity(0))
+    retries = 0
+
+    def drain() -> int:
+        nonlocal retries
+        if flush:
+            obj = probe._obj  # noqa: SLF001 (bench only: the flush is not in L7Probe yet)
+            assert obj is not None
+            for cpu in cpus:
+                for _ in range(100):
+                    if obj.run_on_cpu("flush_stage", cpu) == 0:
+                        break
+                    retries += 1
+        return int(probe.discard())
+
     cpu0 = time.process_time()
-    events = 0
+    records = 0
     while not stopped():
-        events += probe.discard()
+        records += drain()
         time.sleep(ProbeConfig().poll_interval_ms / 1000)
-    events += probe.discard()
-    stats = {"kernel": {"events": events, "ringbuf_drops": probe.counters()["ringbuf_drops"]},
+    records += drain()
+    counters = probe.counters()
+    stats = {"kernel": {"events": counters["events"], "ring_records": records,
+                        "ringbuf_drops": counters["ringbuf_drops"], "flush_retries": retries},
              "cpu_s": time.process_time() - cpu0}
     probe.close()
     print(json.dumps(stats), flush=True)
@@ -273,8 +322,9 @@ def main() -> int:
     ap.add_argument("--kafka", action="store_true", help="add the produce-to-local-broker mode")
     ap.add_argument("--modes", default="baseline,filtered,capture",
                     help="comma-separated: baseline plus any of filtered,capture,bare,"
-                         "bare-batch, each optionally with a ring size of its own, as in "
-                         "capture@4m (default: baseline,filtered,capture)")
+                         "bare-batch,capture-drop,capture-batch, each optionally with a ring "
+                         "size (capture@4m) and capture size (capture#256) of its own "
+                         "(default: baseline,filtered,capture)")
     ap.add_argument("--unpinned", action="store_true",
                     help="let the scheduler place nginx and wrk (default: nginx on CPU 0, wrk "
                          "on CPU 1; unpinned, where they land moves throughput by +-20%%)")
@@ -292,13 +342,13 @@ def main() -> int:
         return 2
     modes = [m for m in args.modes.split(",") if m]
     try:
-        bad = [m for m in modes if m != "baseline" and _split_ring(m)[0] not in MODES]
+        bad = [m for m in modes if m != "baseline" and _mode_name(m) not in MODES]
     except ValueError as exc:
         print(f"--modes: {exc}", file=sys.stderr)
         return 2
     if not modes or "baseline" not in modes or bad:
-        print("--modes: baseline plus any of filtered,capture,bare,bare-batch (each may add "
-              "@<ring size>, e.g. capture@4m)", file=sys.stderr)
+        print(f"--modes: baseline plus any of {','.join(MODES)} (each may add "
+              "@<ring size> and #<capture bytes>, e.g. capture@4m#256)", file=sys.stderr)
         return 2
     modes = ["baseline", *dict.fromkeys(m for m in modes if m != "baseline")]  # ratios to [0]
     broker = None
@@ -330,7 +380,7 @@ def main() -> int:
         _pin_nginx(nginx.proc.pid, cpus[0])
         wrk_cpu = cpus[1]
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
-    stats_round: dict[str, Any] = {}
+    stats_rounds: dict[str, dict[str, Any]] = {}
     try:
         wait_for("nginx", lambda: nginx.served() >= 0)
         wrk(nginx.url + "/", seconds=1)  # warm up
@@ -344,10 +394,12 @@ def main() -> int:
                 res["mode"] = mode
                 results[mode].append(res)
                 print(f"round {r + 1} {mode:<9} {res['rps']:>10,.0f} req/s", flush=True)
-        if "capture" in modes:  # its own round: the kernel's accounting slows every program
-            stats_round = run_mode("capture", nginx.url + "/", args.seconds, bootstrap,
-                                   nginx.proc.pid, bpf_stats=True, wrk_cpu=wrk_cpu)
-            print(f"bpf_stats round (not in the ratios): {stats_round['rps']:,.0f} req/s")
+        # Their own rounds: the kernel's accounting slows every program.
+        for mode in (m for m in modes if _mode_name(m) in STATS_MODES):
+            stats_rounds[mode] = run_mode(mode, nginx.url + "/", args.seconds, bootstrap,
+                                          nginx.proc.pid, bpf_stats=True, wrk_cpu=wrk_cpu)
+            print(f"bpf_stats round of {mode} (not in the ratios): "
+                  f"{stats_rounds[mode]['rps']:,.0f} req/s")
     finally:
         nginx.stop()
         if broker is not None:
@@ -372,7 +424,7 @@ def main() -> int:
         per_req = statistics.median(x["cpu_s"] / x["requests"] for x in results[mode])
         print(f"{mode:<10} {per_req * 1e6:>12.2f}   {base_cpu / per_req:>17.3f}")
     for mode in modes:
-        if _split_ring(mode)[0] != "capture" and mode != "compare":
+        if _mode_name(mode) != "capture" and mode != "compare":
             continue
         cpu = [(x["probe"]["cpu_s"], x["probe"]["kernel"]["events"]) for x in results[mode]
                if x.get("probe", {}).get("kernel", {}).get("events")]
@@ -380,15 +432,17 @@ def main() -> int:
             print(f"{mode}: probe user side (drain, group, encode): "
                   f"{sum(c for c, _ in cpu) / sum(n for _, n in cpu) * 1e9:,.0f} ns CPU per "
                   f"event over {sum(n for _, n in cpu):,} events")
-    last = stats_round
-    if "bpf" in last:
+    for mode, last in stats_rounds.items():
+        if "bpf" not in last:
+            continue
+        print(f"{mode}, bpf_stats round:")
         for name, (ns, cnt) in sorted(last["bpf"].items(), key=lambda kv: -kv[1][0]):
             if cnt:
-                print(f"program {name}: {ns / cnt:,.0f} ns per run over {cnt:,} runs")
-        kernel = last["probe"]["kernel"]
+                print(f"  program {name}: {ns / cnt:,.0f} ns per run over {cnt:,} runs")
+        kernel = last.get("probe", {}).get("kernel", {})
         allns = sum(v[0] for v in last["bpf"].values())
         if kernel.get("events"):
-            print(f"BPF time per captured event (all programs / events sent): "
+            print(f"  BPF time per captured event (all programs / events sent): "
                   f"{allns / kernel['events']:,.0f} ns over {kernel['events']:,} events")
     for mode in modes[1:]:
         k = results[mode][-1].get("probe", {}).get("kernel", {})

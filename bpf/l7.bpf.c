@@ -453,6 +453,10 @@ struct l7_out {
 	struct l7_event *ev;	/* the header: in the record (direct) or in scratch */
 };
 
+static __always_inline void event_fill(struct l7_event *ev, enum l7_kind kind,
+				       const struct l7_conn *conn, int fd, __s64 size,
+				       __u64 pid_tgid, __u64 ts_ns);
+
 /* Start an event with room for cap (capture_len) payload bytes and fill its header; NULL if
  * there is none (ring buffer full: counted). */
 static __always_inline struct l7_event *event_start(struct l7_out *out, __u64 cap,
@@ -482,6 +486,15 @@ static __always_inline struct l7_event *event_start(struct l7_out *out, __u64 ca
 		ev = &s->ev;
 	}
 	out->ev = ev;
+	event_fill(ev, kind, conn, fd, size, pid_tgid, ts_ns);
+	return ev;
+}
+
+/* The header of an event of conn. */
+static __always_inline void event_fill(struct l7_event *ev, enum l7_kind kind,
+				       const struct l7_conn *conn, int fd, __s64 size,
+				       __u64 pid_tgid, __u64 ts_ns)
+{
 	ev->kind = kind;
 	ev->role = conn->role;
 	ev->family = conn->family;
@@ -500,7 +513,6 @@ static __always_inline struct l7_event *event_start(struct l7_out *out, __u64 ca
 	__builtin_memcpy(ev->laddr, conn->laddr, L7_ADDR_LEN);
 	__builtin_memcpy(ev->raddr, conn->raddr, L7_ADDR_LEN);
 	process_comm(ev->comm);
-	return ev;
 }
 
 /* Submit header + cap_len bytes of payload; no wakeup, the reader polls on a timer. */
@@ -963,6 +975,119 @@ static __always_inline int bare_event(const struct l7_args *args, long ret)
 }
 #endif
 
+#ifdef L7_BATCH
+/* Benchmark build only (bpf/build/l7_batch.bpf.o, mode `capture-batch`): full capture whose
+ * data events (after a connection's first) are appended to a per-CPU staging buffer, put in
+ * the ring L7_STAGE_BYTES at a time, and flushed by flush_stage, which the reader runs on
+ * every CPU (BPF_PROG_TEST_RUN, BPF_F_TEST_RUN_ON_CPU) before each drain. Measures what
+ * batching saves full capture. Not a design yet: records carry several events (no reader
+ * decodes them; the bench drains and drops), and one connection's events from two CPUs reach
+ * the ring in flush order, not in time order. busy keeps a program that interrupts another
+ * on the same CPU (an IRQ, the flush) off a half-written buffer: it goes to the ring. */
+#define L7_STAGE_BYTES (12 * 1024)
+struct l7_stage {
+	__u32 busy;
+	__u32 used;
+	/* the verifier bounds an event at used <= L7_STAGE_BYTES, with payload offset and
+	 * length each up to L7_CAPTURE_MAX */
+	__u8 data[L7_STAGE_BYTES + sizeof(struct l7_event) + L7_CAPTURE_MAX];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct l7_stage);
+} stage SEC(".maps");
+
+static __always_inline void stage_flush(struct l7_stage *st)
+{
+	__u32 used = st->used;
+
+	if (used > L7_STAGE_BYTES)
+		used = L7_STAGE_BYTES;
+	if (used && bpf_ringbuf_output(&events, st->data, used, BPF_RB_NO_WAKEUP))
+		count(L7_CNT_RINGBUF_DROPS);
+	st->used = 0;
+}
+
+/* Copy want payload bytes into a staged event; returns bytes copied. */
+static __always_inline __u64 stage_copy(struct l7_event *ev, __u64 buf, __u32 iovcnt,
+					 __u64 want)
+{
+	struct iovec iov;
+	__u64 off = 0, n;
+
+	if (want > L7_CAPTURE_MAX)
+		want = L7_CAPTURE_MAX;
+	if (iovcnt == 0)
+		return bpf_probe_read_user(ev->payload, want, (const void *)buf) ? 0 : want;
+	for (int i = 0; i < L7_MAX_IOVECS; i++) {
+		if (i >= iovcnt || off >= want)
+			break;
+		if (bpf_probe_read_user(&iov, sizeof(iov), (const void *)(buf + i * sizeof(iov))))
+			break;
+		n = iov.iov_len;
+		if (n > want - off)
+			n = want - off;
+		if (off >= L7_CAPTURE_MAX || n > L7_CAPTURE_MAX)
+			break;
+		if (bpf_probe_read_user(ev->payload + off, n, (const void *)iov.iov_base))
+			break;
+		off += n;
+	}
+	return off;
+}
+
+/* true if the event went into this CPU's stage; false: the caller sends it to the ring. */
+static __always_inline bool staged_event(const struct l7_args *args, const struct l7_conn *conn,
+					 __u64 id, long ret, __u64 ts, __u64 want)
+{
+	__u32 zero = 0, used;
+	struct l7_stage *st = bpf_map_lookup_elem(&stage, &zero);
+	struct l7_event *ev;
+	__u64 got;
+
+	if (!st || st->busy)
+		return false;
+	st->busy = 1;
+	asm volatile("" ::: "memory");
+	used = st->used;
+	if (used > L7_STAGE_BYTES)
+		used = L7_STAGE_BYTES;
+	if (used + L7_HEAD_LEN + want > L7_STAGE_BYTES) {
+		stage_flush(st);
+		used = 0;
+	}
+	ev = (struct l7_event *)(st->data + used);
+	event_fill(ev, args->kind, conn, args->fd, ret, id, ts);
+	tcp_health(ev, args->sk);
+	got = stage_copy(ev, args->buf, args->iovcnt, want);
+	ev->cap_len = got;
+	st->used = used + ((L7_HEAD_LEN + got + 7) & ~7ULL);
+	count(L7_CNT_EVENTS);
+	asm volatile("" ::: "memory");
+	st->busy = 0;
+	return true;
+}
+
+/* Run by the reader on each CPU before a drain: what that CPU staged goes to the ring.
+ * 1: the CPU was inside staged_event (interrupted by this IPI): try again. */
+SEC("raw_tp")
+int flush_stage(void *ctx)
+{
+	__u32 zero = 0;
+	struct l7_stage *st = bpf_map_lookup_elem(&stage, &zero);
+
+	if (!st)
+		return 0;
+	if (st->busy)
+		return 1;
+	stage_flush(st);
+	return 0;
+}
+#endif
+
 /* A data syscall on an inet socket returned ret: send what it moved. */
 static __always_inline int data_exit(const struct l7_args *args, __u64 id, long ret, __u64 ts)
 {
@@ -1007,6 +1132,10 @@ static __always_inline int data_exit(const struct l7_args *args, __u64 id, long 
 		conn_own(conn, args->sk, id, args->fd);
 #endif
 	want = capture_len(dead ? (args->iovcnt ? L7_CAPTURE_MAX : args->len) : (__u64)ret);
+#ifdef L7_BATCH
+	if (conn->seen && staged_event(args, conn, id, ret, ts, want))
+		return 0;
+#endif
 	ev = event_start(&out, want, args->kind, conn, args->fd, ret, id, ts);
 	if (!ev)
 		return 0;

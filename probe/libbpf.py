@@ -92,6 +92,23 @@ class _UprobeOpts(ctypes.Structure):
 _attach_uprobe = _fn("bpf_program__attach_uprobe_opts", _c_void_p, _c_void_p, ctypes.c_int,
                      ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(_UprobeOpts))
 _link_destroy = _fn("bpf_link__destroy", ctypes.c_int, _c_void_p)
+
+
+class _TestRunOpts(ctypes.Structure):
+    """struct bpf_test_run_opts (libbpf >= 0.7)."""
+
+    _fields_ = [("sz", ctypes.c_size_t), ("data_in", _c_void_p), ("data_out", _c_void_p),
+                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+                ("ctx_in", _c_void_p), ("ctx_out", _c_void_p),
+                ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+                ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int),
+                ("duration", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32)]
+
+
+BPF_F_TEST_RUN_ON_CPU = 1
+_test_run = _fn("bpf_prog_test_run_opts", ctypes.c_int, ctypes.c_int,
+                ctypes.POINTER(_TestRunOpts))
 _map_fd = _fn("bpf_map__fd", ctypes.c_int, _c_void_p)
 _map_set_max_entries = _fn("bpf_map__set_max_entries", ctypes.c_int, _c_void_p, ctypes.c_uint32)
 _map_set_value_size = _fn("bpf_map__set_value_size", ctypes.c_int, _c_void_p, ctypes.c_uint32)
@@ -299,6 +316,8 @@ class BpfObject:
         for section, prog in self.programs():
             if section.startswith(("uprobe", "uretprobe")):
                 continue
+            if section == "raw_tp":
+                continue  # no tracepoint named: run on demand (run_on_cpu), never attached
             try:
                 if section.startswith("cgroup/"):
                     cgroups = cgroups or cgroup2_root()
@@ -337,6 +356,15 @@ class BpfObject:
         except OSError as exc:
             raise ProbeAttachError(what) from exc
         self._links.append((f"{program}:{binary}", link))
+
+    def run_on_cpu(self, program: str, cpu: int) -> int:
+        """Run ``program`` (a raw_tp program, not attached) once on ``cpu`` with
+        BPF_PROG_TEST_RUN (an IPI when it is another CPU); returns its return value."""
+        prog = _check_ptr(_find_prog(self._obj, program.encode()), f"find program {program}")
+        opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), flags=BPF_F_TEST_RUN_ON_CPU,
+                            cpu=cpu)
+        _check(_test_run(_prog_fd(prog), ctypes.byref(opts)), f"test run {program} on {cpu}")
+        return int(opts.retval)
 
     def program_fds(self) -> dict[str, int]:
         return {section: _prog_fd(prog) for section, prog in self.programs()}
