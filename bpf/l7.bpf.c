@@ -451,6 +451,9 @@ extern int bpf_probe_read_user_dynptr(struct bpf_dynptr *dptr, __u32 off, __u32 
 struct l7_out {
 	struct bpf_dynptr rec;	/* direct: the reserved record */
 	struct l7_event *ev;	/* the header: in the record (direct) or in scratch */
+#ifdef L7_BATCH
+	bool staged;		/* ev is in this CPU's stage (bench build l7_batch.bpf.o) */
+#endif
 };
 
 static __always_inline void event_fill(struct l7_event *ev, enum l7_kind kind,
@@ -465,6 +468,9 @@ static __always_inline struct l7_event *event_start(struct l7_out *out, __u64 ca
 {
 	struct l7_event *ev;
 
+#ifdef L7_BATCH
+	out->staged = false;
+#endif
 	if (direct_records()) {
 		if (bpf_ringbuf_reserve_dynptr(&events, L7_HEAD_LEN + cap, 0, &out->rec)) {
 			bpf_ringbuf_discard_dynptr(&out->rec, BPF_RB_NO_WAKEUP); /* required */
@@ -565,6 +571,11 @@ static __always_inline __u64 capture_len(__u64 sent)
  * ("R2 min value is negative"). */
 static __always_inline bool copy_payload(struct l7_out *out, __u64 off, __u64 src, __u64 len)
 {
+#ifdef L7_BATCH
+	if (out->staged)
+		return off < L7_CAPTURE_MAX && len <= L7_CAPTURE_MAX &&
+		       !bpf_probe_read_user(out->ev->payload + off, len, (const void *)src);
+#endif
 	if (direct_records())	/* checked against the reservation at run time */
 		return !bpf_probe_read_user_dynptr(&out->rec, L7_HEAD_LEN + off, len,
 						   (const void *)src);
@@ -985,6 +996,15 @@ static __always_inline int bare_event(const struct l7_args *args, long ret)
  * the ring in flush order, not in time order. busy keeps a program that interrupts another
  * on the same CPU (an IRQ, the flush) off a half-written buffer: it goes to the ring. */
 #define L7_STAGE_BYTES (12 * 1024)
+/* bench/bpf_cost.py builds variants that leave parts of each staged event out, to price them:
+ * the role, family, ports, fd, tgid, addresses and process name; the TCP health; the payload
+ * copy. 0 (everything) in bpf/build/l7_batch.bpf.o. */
+#ifndef L7_BATCH_SKIP
+#define L7_BATCH_SKIP 0
+#endif
+#define L7_SKIP_HEADER  1
+#define L7_SKIP_HEALTH  2
+#define L7_SKIP_PAYLOAD 4
 struct l7_stage {
 	__u32 busy;
 	__u32 used;
@@ -1011,40 +1031,13 @@ static __always_inline void stage_flush(struct l7_stage *st)
 	st->used = 0;
 }
 
-/* Copy want payload bytes into a staged event; returns bytes copied. */
-static __always_inline __u64 stage_copy(struct l7_event *ev, __u64 buf, __u32 iovcnt,
-					 __u64 want)
-{
-	struct iovec iov;
-	__u64 off = 0, n;
-
-	if (want > L7_CAPTURE_MAX)
-		want = L7_CAPTURE_MAX;
-	if (iovcnt == 0)
-		return bpf_probe_read_user(ev->payload, want, (const void *)buf) ? 0 : want;
-	for (int i = 0; i < L7_MAX_IOVECS; i++) {
-		if (i >= iovcnt || off >= want)
-			break;
-		if (bpf_probe_read_user(&iov, sizeof(iov), (const void *)(buf + i * sizeof(iov))))
-			break;
-		n = iov.iov_len;
-		if (n > want - off)
-			n = want - off;
-		if (off >= L7_CAPTURE_MAX || n > L7_CAPTURE_MAX)
-			break;
-		if (bpf_probe_read_user(ev->payload + off, n, (const void *)iov.iov_base))
-			break;
-		off += n;
-	}
-	return off;
-}
-
 /* true if the event went into this CPU's stage; false: the caller sends it to the ring. */
 static __always_inline bool staged_event(const struct l7_args *args, const struct l7_conn *conn,
 					 __u64 id, long ret, __u64 ts, __u64 want)
 {
 	__u32 zero = 0, used;
 	struct l7_stage *st = bpf_map_lookup_elem(&stage, &zero);
+	struct l7_out out;
 	struct l7_event *ev;
 	__u64 got;
 
@@ -1060,9 +1053,23 @@ static __always_inline bool staged_event(const struct l7_args *args, const struc
 		used = 0;
 	}
 	ev = (struct l7_event *)(st->data + used);
-	event_fill(ev, args->kind, conn, args->fd, ret, id, ts);
-	tcp_health(ev, args->sk);
-	got = stage_copy(ev, args->buf, args->iovcnt, want);
+	if (L7_BATCH_SKIP & L7_SKIP_HEADER) {	/* what a reader cannot do without */
+		ev->kind = args->kind;
+		ev->conn_id = conn->conn_id;
+		ev->ts_ns = ts;
+		ev->size = ret;
+		ev->flags = 0;
+		ev->srtt_us = 0;
+		ev->retrans = 0;
+	} else {
+		event_fill(ev, args->kind, conn, args->fd, ret, id, ts);
+	}
+	if (!(L7_BATCH_SKIP & L7_SKIP_HEALTH))
+		tcp_health(ev, args->sk);
+	out.ev = ev;
+	out.staged = true;
+	got = L7_BATCH_SKIP & L7_SKIP_PAYLOAD ? 0 : copy_message(&out, args->buf, args->iovcnt,
+								    want);
 	ev->cap_len = got;
 	st->used = used + ((L7_HEAD_LEN + got + 7) & ~7ULL);
 	count(L7_CNT_EVENTS);
