@@ -897,18 +897,23 @@ static __always_inline bool send_failed_dead(enum l7_kind kind, long ret)
 	return kind == L7_DATA_OUT && (ret == -EPIPE || ret == -ECONNRESET);
 }
 
-#ifdef L7_BARE_BATCH
-/* Benchmark build only (bpf/build/l7_bare_batch.bpf.o, mode `bare-batch`): bare's record,
- * appended to a per-CPU staging buffer instead, and the buffer put in the ring with one
- * bpf_ringbuf_output when the next record does not fit. Asks whether batching records in the
- * kernel would close the gap to the floor. Not a design: nothing flushes a quiet CPU's
- * buffer, and only the first iovec is copied. Tracepoint programs run with preemption off, so
- * one CPU's buffer has one writer at a time. */
+#if defined(L7_BARE_BATCH) || defined(L7_BATCH)
+/* Benchmark builds only: a per-CPU staging buffer of events, put in the ring as one record
+ * (bare_event below, staged_event further down). The verifier bounds an event at
+ * used <= L7_STAGE_BYTES: past that, room for its header and payload (and in l7_batch, where
+ * the payload is copied an iovec at a time, for an offset and a length each up to
+ * L7_CAPTURE_MAX). A per-CPU value is at most 32 KiB. */
+#ifdef L7_BATCH
+#define L7_STAGE_BYTES (12 * 1024)
+#define L7_STAGE_SLACK (sizeof(struct l7_event) + L7_CAPTURE_MAX)
+#else
 #define L7_STAGE_BYTES (16 * 1024)
+#define L7_STAGE_SLACK sizeof(struct l7_event)
+#endif
 struct l7_stage {
+	__u32 busy;	/* l7_batch: a program is appending (see staged_event) */
 	__u32 used;
-	__u32 _pad;
-	__u8 data[L7_STAGE_BYTES + sizeof(struct l7_event)];	/* head + payload past the end */
+	__u8 data[L7_STAGE_BYTES + L7_STAGE_SLACK];
 };
 
 struct {
@@ -917,7 +922,15 @@ struct {
 	__type(key, __u32);
 	__type(value, struct l7_stage);
 } stage SEC(".maps");
+#endif
 
+#ifdef L7_BARE_BATCH
+/* Benchmark build only (bpf/build/l7_bare_batch.bpf.o, mode `bare-batch`): bare's record,
+ * appended to a per-CPU staging buffer instead, and the buffer put in the ring with one
+ * bpf_ringbuf_output when the next record does not fit. Asks whether batching records in the
+ * kernel would close the gap to the floor. Not a design: nothing flushes a quiet CPU's
+ * buffer, and only the first iovec is copied. Tracepoint programs run with preemption off, so
+ * one CPU's buffer has one writer at a time. */
 static __always_inline int bare_event(const struct l7_args *args, long ret)
 {
 	__u32 zero = 0, used;
@@ -995,7 +1008,6 @@ static __always_inline int bare_event(const struct l7_args *args, long ret)
  * decodes them; the bench drains and drops), and one connection's events from two CPUs reach
  * the ring in flush order, not in time order. busy keeps a program that interrupts another
  * on the same CPU (an IRQ, the flush) off a half-written buffer: it goes to the ring. */
-#define L7_STAGE_BYTES (12 * 1024)
 /* bench/bpf_cost.py builds variants that leave parts of each staged event out, to price them:
  * the role, family, ports, fd, tgid, addresses and process name; the TCP health; the payload
  * copy. 0 (everything) in bpf/build/l7_batch.bpf.o. */
@@ -1005,21 +1017,6 @@ static __always_inline int bare_event(const struct l7_args *args, long ret)
 #define L7_SKIP_HEADER  1
 #define L7_SKIP_HEALTH  2
 #define L7_SKIP_PAYLOAD 4
-struct l7_stage {
-	__u32 busy;
-	__u32 used;
-	/* the verifier bounds an event at used <= L7_STAGE_BYTES, with payload offset and
-	 * length each up to L7_CAPTURE_MAX */
-	__u8 data[L7_STAGE_BYTES + sizeof(struct l7_event) + L7_CAPTURE_MAX];
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct l7_stage);
-} stage SEC(".maps");
-
 static __always_inline void stage_flush(struct l7_stage *st)
 {
 	__u32 used = st->used;
