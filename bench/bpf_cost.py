@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.probe_overhead import _bpf_prog_stats, _pin_nginx, _wrk  # noqa: E402
+from bench.probe_overhead import _bpf_prog_stats, _pin_nginx, _wrk, flush_stages  # noqa: E402
 from tests.e2e.harness import Nginx, wait_for, wrk  # noqa: E402
 
 
@@ -55,10 +55,7 @@ def one_round(build_name: str, bpf_dir: Path, capture: int, url: str, seconds: f
 
     def reader() -> None:
         while not done.wait(0.01):
-            for cpu in cpus:
-                for _ in range(100):  # 1: that CPU was mid-append; again
-                    if obj.run_on_cpu("flush_stage", cpu) == 0:
-                        break
+            flush_stages(obj, cpus)
             probe.discard()
 
     thread = threading.Thread(target=reader, name="bench-reader")

@@ -64,34 +64,35 @@ DRAIN_AND_DROP = {"bare": "l7_bare.bpf.o", "bare-batch": "l7_bare_batch.bpf.o",
                   "capture-drop": "l7.bpf.o", "capture-batch": "l7_batch.bpf.o"}
 
 
-def _split_ring(mode: str) -> tuple[str, int]:
-    """``capture@4m`` -> ("capture", 4 MiB): a mode with a ring of its own size (0: default).
-    A ``#<bytes>`` suffix (``capture#256``, ``capture@4m#256``) is the capture size, left on
-    the name for _split_capture."""
-    name, _, size = mode.partition("@")
-    size, hash_, cap = size.partition("#")
-    if not size:
-        return name, 0
-    units = {"k": 1 << 10, "m": 1 << 20}
-    ring = int(size[:-1]) * units[size[-1].lower()] if size[-1].lower() in units else int(size)
-    if ring < 4096 or ring & (ring - 1):
-        raise ValueError(f"{mode}: the ring size must be a power of two >= 4k")
-    return name + hash_ + cap, ring
-
-
-def _split_capture(mode: str) -> tuple[str, int]:
-    """``capture#256`` -> ("capture", 256): payload bytes captured per event (0: default)."""
-    name, _, cap = mode.partition("#")
-    if not cap:
-        return name, 0
-    if not cap.isdigit() or int(cap) < 64 or int(cap) > 8192 or int(cap) & (int(cap) - 1):
+def _parse_mode(mode: str) -> tuple[str, int, int]:
+    """``capture@4m#256`` -> ("capture", 4 MiB, 256): the mode, and the ring size and capture
+    size it names (0: kubesight's default)."""
+    rest, _, cap = mode.partition("#")
+    name, _, size = rest.partition("@")
+    ring = 0
+    if size:
+        units = {"k": 1 << 10, "m": 1 << 20}
+        unit = units.get(size[-1].lower())
+        ring = int(size[:-1]) * unit if unit else int(size)
+        if ring < 4096 or ring & (ring - 1):
+            raise ValueError(f"{mode}: the ring size must be a power of two >= 4k")
+    if cap and (not cap.isdigit() or not 64 <= int(cap) <= 8192 or int(cap) & (int(cap) - 1)):
         raise ValueError(f"{mode}: the capture size must be a power of two in 64..8192")
-    return name, int(cap)
+    return name, ring, int(cap or 0)
 
 
-def _mode_name(mode: str) -> str:
-    """The mode without its ring and capture sizes."""
-    return _split_capture(_split_ring(mode)[0])[0]
+def flush_stages(obj: Any, cpus: list[int], tries: int = 100) -> int:
+    """Run flush_stage (l7_batch.bpf.o) on every CPU, again while that CPU answers 1 (the
+    IPI found it mid-append); returns those retries. RuntimeError if one stays busy."""
+    retries = 0
+    for cpu in cpus:
+        for _ in range(tries):
+            if obj.run_on_cpu("flush_stage", cpu) == 0:
+                break
+            retries += 1
+        else:
+            raise RuntimeError(f"CPU {cpu} stayed mid-append for {tries} flushes")
+    return retries
 
 
 def _probe_child(mode: str, bootstrap: str) -> None:
@@ -129,8 +130,7 @@ def _probe_child(mode: str, bootstrap: str) -> None:
     from kubesight.config import ProbeConfig
 
     defaults = ProbeConfig()  # measure what kubesight runs with
-    mode, ring = _split_ring(mode)
-    mode, cap = _split_capture(mode)
+    mode, ring, cap = _parse_mode(mode)
     ringbuf = ring or int(os.environ.get("KS_BENCH_RINGBUF", defaults.ringbuf_bytes))
     capture_bytes = cap or defaults.capture_bytes
     if mode in DRAIN_AND_DROP:
@@ -196,13 +196,7 @@ def _bare_child(capture_bytes: int, ringbuf: int, stopped: Any, *, build: str,
     def drain() -> int:
         nonlocal retries
         if flush:
-            obj = probe._obj  # noqa: SLF001 (bench only: the flush is not in L7Probe yet)
-            assert obj is not None
-            for cpu in cpus:
-                for _ in range(100):
-                    if obj.run_on_cpu("flush_stage", cpu) == 0:
-                        break
-                    retries += 1
+            retries += flush_stages(probe._obj, cpus)  # noqa: SLF001 (bench only)
         return int(probe.discard())
 
     cpu0 = time.process_time()
@@ -342,7 +336,7 @@ def main() -> int:
         return 2
     modes = [m for m in args.modes.split(",") if m]
     try:
-        bad = [m for m in modes if m != "baseline" and _mode_name(m) not in MODES]
+        bad = [m for m in modes if m != "baseline" and _parse_mode(m)[0] not in MODES]
     except ValueError as exc:
         print(f"--modes: {exc}", file=sys.stderr)
         return 2
@@ -395,7 +389,7 @@ def main() -> int:
                 results[mode].append(res)
                 print(f"round {r + 1} {mode:<9} {res['rps']:>10,.0f} req/s", flush=True)
         # Their own rounds: the kernel's accounting slows every program.
-        for mode in (m for m in modes if _mode_name(m) in STATS_MODES):
+        for mode in (m for m in modes if _parse_mode(m)[0] in STATS_MODES):
             stats_rounds[mode] = run_mode(mode, nginx.url + "/", args.seconds, bootstrap,
                                           nginx.proc.pid, bpf_stats=True, wrk_cpu=wrk_cpu)
             print(f"bpf_stats round of {mode} (not in the ratios): "
@@ -424,7 +418,7 @@ def main() -> int:
         per_req = statistics.median(x["cpu_s"] / x["requests"] for x in results[mode])
         print(f"{mode:<10} {per_req * 1e6:>12.2f}   {base_cpu / per_req:>17.3f}")
     for mode in modes:
-        if _mode_name(mode) != "capture" and mode != "compare":
+        if _parse_mode(mode)[0] != "capture" and mode != "compare":
             continue
         cpu = [(x["probe"]["cpu_s"], x["probe"]["kernel"]["events"]) for x in results[mode]
                if x.get("probe", {}).get("kernel", {}).get("events")]

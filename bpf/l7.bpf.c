@@ -456,9 +456,30 @@ struct l7_out {
 #endif
 };
 
+/* The header of an event of conn. */
 static __always_inline void event_fill(struct l7_event *ev, enum l7_kind kind,
 				       const struct l7_conn *conn, int fd, __s64 size,
-				       __u64 pid_tgid, __u64 ts_ns);
+				       __u64 pid_tgid, __u64 ts_ns)
+{
+	ev->kind = kind;
+	ev->role = conn->role;
+	ev->family = conn->family;
+	ev->transport = conn->transport;
+	ev->lport = conn->lport;
+	ev->rport = conn->rport;
+	ev->tgid = pid_tgid >> 32;
+	ev->fd = fd;
+	ev->conn_id = conn->conn_id;
+	ev->ts_ns = ts_ns;
+	ev->size = size;
+	ev->cap_len = 0;
+	ev->flags = 0;
+	ev->srtt_us = 0;
+	ev->retrans = 0;
+	__builtin_memcpy(ev->laddr, conn->laddr, L7_ADDR_LEN);
+	__builtin_memcpy(ev->raddr, conn->raddr, L7_ADDR_LEN);
+	process_comm(ev->comm);
+}
 
 /* Start an event with room for cap (capture_len) payload bytes and fill its header; NULL if
  * there is none (ring buffer full: counted). */
@@ -494,31 +515,6 @@ static __always_inline struct l7_event *event_start(struct l7_out *out, __u64 ca
 	out->ev = ev;
 	event_fill(ev, kind, conn, fd, size, pid_tgid, ts_ns);
 	return ev;
-}
-
-/* The header of an event of conn. */
-static __always_inline void event_fill(struct l7_event *ev, enum l7_kind kind,
-				       const struct l7_conn *conn, int fd, __s64 size,
-				       __u64 pid_tgid, __u64 ts_ns)
-{
-	ev->kind = kind;
-	ev->role = conn->role;
-	ev->family = conn->family;
-	ev->transport = conn->transport;
-	ev->lport = conn->lport;
-	ev->rport = conn->rport;
-	ev->tgid = pid_tgid >> 32;
-	ev->fd = fd;
-	ev->conn_id = conn->conn_id;
-	ev->ts_ns = ts_ns;
-	ev->size = size;
-	ev->cap_len = 0;
-	ev->flags = 0;
-	ev->srtt_us = 0;
-	ev->retrans = 0;
-	__builtin_memcpy(ev->laddr, conn->laddr, L7_ADDR_LEN);
-	__builtin_memcpy(ev->raddr, conn->raddr, L7_ADDR_LEN);
-	process_comm(ev->comm);
 }
 
 /* Submit header + cap_len bytes of payload; no wakeup, the reader polls on a timer. */

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from kubesight.probe.l7 import L7_DATA_IN, L7_DATA_OUT, L7EventHeader, L7Probe
 
+from bench.probe_overhead import flush_stages
+
 pytestmark = pytest.mark.bpf
 
 ROUNDS = 20
@@ -80,12 +82,7 @@ def test_a_flush_on_every_cpu_hands_over_every_staged_event_in_order(bpf_root: P
         subprocess.run(["taskset", "-c", str(cpus[0]), sys.executable, "-c", CHILD],
                        timeout=60, check=True)
         before = drained(probe)
-        for cpu in cpus:
-            for _ in range(100):  # 1: that CPU was mid-append when the IPI came; again
-                if obj.run_on_cpu("flush_stage", cpu) == 0:
-                    break
-            else:
-                pytest.fail(f"CPU {cpu} stayed busy for 100 flushes")
+        flush_stages(obj, cpus)  # RuntimeError if a CPU stays mid-append
         after = drained(probe)
 
     pid = _child_pid_from(before + after)
