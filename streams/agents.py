@@ -29,7 +29,6 @@ from .app import (
     deadletter_topic,
     golden_topic,
     health_topic,
-    meta_topic,
     netseries_topic,
     network_table,
     network_topic,
@@ -39,6 +38,7 @@ from .app import (
     tcp_topic,
     windows_table,
 )
+from .follow import CompactedFollower
 from .golden import TumblingStore, Window, WindowStore
 from .identity import IdentityTable, K8sFollower
 from .network import MalformedNetworkBatch, NetworkAggregator, NetworkWindow, NetworkWindowStore
@@ -90,6 +90,7 @@ async def _dead_letter(event: Any, reason: str) -> None:
 
 @app.agent(raw_topic, name="reassemble")
 async def reassemble(stream: Any) -> None:
+    await _wait_for_listeners("reassemble")
     take = config.streams.take_max
     within = config.streams.take_within_s
     async for events in stream.take_events(take, within=within):
@@ -129,16 +130,51 @@ async def _send_deferred_and_partials(expire: bool = False) -> None:
         await series_topic.send(key=skey, value=msgpack.packb(partials))
 
 
-@app.agent(meta_topic, name="learn_listeners")
-async def learn_listeners(stream: Any) -> None:
-    async for event in stream.events():
-        try:
-            record = _unpack(event.value)
-            if record.get("kind") == "listener":
-                reassembler.on_listener(record)
-                network.on_listener(record)
-        except (MalformedBatch, KeyError, TypeError, ValueError, AttributeError) as exc:
-            await _dead_letter(event, f"malformed meta record: {exc}")
+META_WAIT_S = 20.0  # longest a starting worker waits for meta.v1 before reading raw input
+_listeners_known = asyncio.Event()
+
+
+@app.task  # type: ignore[untyped-decorator]
+async def follow_listeners() -> None:
+    """Feed the listener tables (reassembler, network) from meta.v1, every partition from its
+    start, on every worker (``streams/follow.py``). Raw input waits for the first read through
+    (``_wait_for_listeners``): a restarted worker that had not yet learnt who listens on this
+    node would name every same-node call by address."""
+    loop = asyncio.get_running_loop()
+    follower = CompactedFollower(config.kafka.librdkafka(), config.topic("meta.v1"),
+                                 f"{config.streams.app_id}-meta")
+    while True:
+        for key, record in await loop.run_in_executor(None, follower.fetch, 1.0):
+            _apply_meta(key, record)
+        counters["meta_malformed"] = follower.malformed + counters["meta_invalid"]
+        if follower.caught_up and not _listeners_known.is_set():
+            log.info("listeners known: %d record(s) read from %s", follower.read,
+                     follower.topic)
+            _listeners_known.set()
+        if not follower.reading:
+            await asyncio.sleep(2.0)  # no topic yet
+
+
+def _apply_meta(key: str, record: Any) -> None:
+    if record is None:
+        return  # a tombstone: the probe sends none; a listener that closed is left named
+    try:
+        if record.get("kind") == "listener":
+            reassembler.on_listener(record)
+            network.on_listener(record)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        counters["meta_invalid"] += 1
+        log.warning("meta.v1 record %r left out: %s: %s", key, type(exc).__name__, exc)
+
+
+async def _wait_for_listeners(reader: str) -> None:
+    if _listeners_known.is_set():
+        return
+    try:
+        await asyncio.wait_for(_listeners_known.wait(), META_WAIT_S)
+    except TimeoutError:
+        log.warning("%s: meta.v1 not read through after %.0fs; reading on (same-node peers "
+                    "may be named by address until it is)", reader, META_WAIT_S)
 
 
 @app.task  # type: ignore[untyped-decorator]
@@ -249,6 +285,7 @@ _tcp_seen: dict[int, int] = {}  # partition → highest tcp.v1 offset processed
 
 @app.agent(tcp_topic, name="network")
 async def network_intervals(stream: Any) -> None:
+    await _wait_for_listeners("network")
     take = config.streams.take_max
     within = config.streams.take_within_s
     async for events in stream.take_events(take, within=within):
@@ -314,7 +351,7 @@ EXIT_STALLED = 70  # the exit status when a stalled worker has to be restarted
 exit_status: int | None = None  # set when the worker stops itself (streams/app.py main)
 _watch = StallWatch(config.streams.stall_after_s, config.streams.stall_restart_after_s)
 _ends = EndOffsets(config.kafka.librdkafka(), f"{config.streams.app_id}-watch")  # never joins
-_inputs = {t.get_topic_name() for t in (raw_topic, meta_topic, series_topic, tcp_topic,
+_inputs = {t.get_topic_name() for t in (raw_topic, series_topic, tcp_topic,
                                         netseries_topic)}
 
 
@@ -344,7 +381,8 @@ async def _watch_once() -> None:
         return
     up = ends is not None
     verdict = _watch.decide(now, stalled, up,
-                            busy=bool(app.rebalancing or getattr(app, "in_recovery", False)))
+                            busy=bool(app.rebalancing or getattr(app, "in_recovery", False)
+                                      or not _listeners_known.is_set()))
     if verdict.action == "kick":
         counters["consumer_stalls"] += 1
         await _diagnose_and_kick(f"consumer stalled with a broker answering: "

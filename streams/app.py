@@ -5,7 +5,9 @@ The whole data path, in one place (agents live in ``agents.py``):
     topic             agent            state                         writes to
     ───────────────── ──────────────── ───────────────────────────── ─────────────────────────
     raw.v1            reassemble       live parsers, per connection  requests.v1, series.v1
-    meta.v1           learn_listeners  listener → workload           (in memory, both users)
+    meta.v1           follow_          listener → workload           (in memory, both users;
+    (all partitions,  listeners (a                                    raw.v1 and tcp.v1 wait
+     every worker)    task)                                          for the first read through)
     k8s.v1            follow_k8s_      pod IP, container id, cluster (in memory; reassemble
     (all partitions,  identity (a      IP → pod, service              names both ends of a
      every worker)    task)            (streams/identity.py)          request with it)
@@ -100,7 +102,6 @@ raw_topic = _topic("raw.v1")
 requests_topic = _topic("requests.v1")
 series_topic = _topic("series.v1")
 golden_topic = _topic("golden.v1")
-meta_topic = _topic("meta.v1")
 health_topic = _topic("health.v1")
 deadletter_topic = _topic("deadletter.v1")
 tcp_topic = _topic("tcp.v1")

@@ -20,18 +20,12 @@ names top-N pods) each keep one.
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any
 
-import msgpack
-
-from kubesight.logs import RepeatFilter
+from .follow import CompactedFollower
 
 __all__ = ["IdentityTable", "K8sFollower", "PodIdentity", "ServiceIdentity"]
 
-log = logging.getLogger(__name__)
-_rdkafka_log = logging.getLogger("kubesight.streams.k8s_follower")
-_rdkafka_log.addFilter(RepeatFilter())  # librdkafka retries a lost broker every ~50 ms
 
 _TERMINATED = ("Succeeded", "Failed")  # their IPs may already belong to another pod
 
@@ -189,11 +183,11 @@ def _drop(index: dict[str, PodIdentity], k: str, ident: PodIdentity | None) -> N
         del index[k]
 
 
-class K8sFollower:
-    """Reads every partition of ``k8s.v1`` from its start into ``table``, outside any consumer
-    group: a group member would see only its share of the objects, and one restarted would
-    resume after its committed offset with an empty table. The compacted topic is small (one
-    record per object) and read whole.
+class K8sFollower(CompactedFollower):
+    """Reads every partition of ``k8s.v1`` from its start into ``table`` (see
+    ``streams/follow.py``: a group member would see only its share of the objects, and one
+    restarted would resume after its committed offset with an empty table). The compacted
+    topic is small (one record per object) and read whole.
 
     ``poll()`` blocks up to ``timeout`` seconds; run it in a thread or an executor. Until the
     topic exists (the watcher creates it) it returns 0 and tries again on the next call.
@@ -201,51 +195,16 @@ class K8sFollower:
 
     def __init__(self, librdkafka: dict[str, Any], topic: str, group: str,
                  table: IdentityTable) -> None:
-        self._conf = {**librdkafka, "group.id": group, "enable.auto.commit": False,
-                      "auto.offset.reset": "earliest", "logger": _rdkafka_log}
-        self._topic = topic
+        super().__init__(librdkafka, topic, group)
         self.table = table
-        self.malformed = 0
-        self._consumer: Any = None
-
-    def _open(self) -> Any:
-        from confluent_kafka import Consumer, TopicPartition
-
-        consumer = Consumer(self._conf)
-        partitions = consumer.list_topics(self._topic, timeout=10).topics[self._topic].partitions
-        if not partitions:
-            consumer.close()
-            raise LookupError(f"topic {self._topic} has no partitions (yet)")
-        consumer.assign([TopicPartition(self._topic, p, -2) for p in sorted(partitions)])
-        return consumer  # -2: each partition's beginning
-
-    @property
-    def reading(self) -> bool:
-        """The topic was found and is being read."""
-        return self._consumer is not None
 
     def poll(self, timeout: float = 1.0) -> int:
         """Apply what arrived; returns the number of messages applied."""
-        if self._consumer is None:
-            try:
-                self._consumer = self._open()
-            except Exception as exc:  # noqa: BLE001 - no broker or topic yet: next call
-                log.warning("%s not readable yet (%s); retrying", self._topic, exc)
-                return 0
         applied = 0
-        for msg in self._consumer.consume(2000, timeout):
-            if msg.error():
-                continue
+        for key, value in self.fetch(timeout):
             try:
-                key, value = msg.key(), msg.value()
-                self.table.apply(key.decode() if key else "",
-                                 None if value is None else msgpack.unpackb(value))
+                self.table.apply(key, value)
                 applied += 1
-            except (ValueError, KeyError, TypeError, AttributeError, msgpack.UnpackException):
+            except (ValueError, KeyError, TypeError, AttributeError):
                 self.malformed += 1
         return applied
-
-    def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
-            self._consumer = None
