@@ -90,10 +90,10 @@ async def _dead_letter(event: Any, reason: str) -> None:
 
 @app.agent(raw_topic, name="reassemble")
 async def reassemble(stream: Any) -> None:
-    await _wait_for_listeners("reassemble")
     take = config.streams.take_max
     within = config.streams.take_within_s
     async for events in stream.take_events(take, within=within):
+        await _wait_for_listeners("reassemble")
         for event in events:
             msg = event.message
             if msg.offset <= _raw_seen.get(msg.partition, -1):
@@ -121,9 +121,9 @@ async def reassemble(stream: Any) -> None:
         await _send_deferred_and_partials()
 
 
-async def _send_deferred_and_partials(expire: bool = False) -> None:
+async def _send_deferred_and_partials(expire: bool = False, stopping: bool = False) -> None:
     late = reassembler.expire_requests(time.time_ns()) if expire else []
-    for conn_key, record in [*late, *reassembler.release_deferred()]:
+    for conn_key, record in [*late, *reassembler.release_deferred(stopping=stopping)]:
         await requests_topic.send(key=conn_key.encode(), value=msgpack.packb(
             {"v": 1, "node": config.node_name, "conn": conn_key, "requests": [record]}))
     for skey, partials in reassembler.take_partials():
@@ -132,6 +132,17 @@ async def _send_deferred_and_partials(expire: bool = False) -> None:
 
 META_WAIT_S = 20.0  # longest a starting worker waits for meta.v1 before reading raw input
 _listeners_known = asyncio.Event()
+
+
+@app.on_before_shutdown.connect
+async def _send_what_waits(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
+    """Stopping (input paused and drained, the producer not yet flushed): records still waiting
+    for a peer's name go out now, named as well as they can be. Their raw input is committed;
+    kept, they would be lost with this process."""
+    waiting = reassembler.deferred
+    await _send_deferred_and_partials(stopping=True)
+    if waiting:
+        log.info("stopping: sent %d record(s) that were waiting for a peer's name", waiting)
 
 
 @app.task  # type: ignore[untyped-decorator]
@@ -168,6 +179,8 @@ def _apply_meta(key: str, record: Any) -> None:
 
 
 async def _wait_for_listeners(reader: str) -> None:
+    """Called with the first input in hand, not before the loop: Faust subscribes an agent's
+    stream when it starts iterating, and input fetched before that is acked unread."""
     if _listeners_known.is_set():
         return
     try:
@@ -285,10 +298,10 @@ _tcp_seen: dict[int, int] = {}  # partition → highest tcp.v1 offset processed
 
 @app.agent(tcp_topic, name="network")
 async def network_intervals(stream: Any) -> None:
-    await _wait_for_listeners("network")
     take = config.streams.take_max
     within = config.streams.take_within_s
     async for events in stream.take_events(take, within=within):
+        await _wait_for_listeners("network")
         for event in events:
             msg = event.message
             if msg.offset <= _tcp_seen.get(msg.partition, -1):

@@ -331,15 +331,21 @@ class Reassembler:
                     out.append((conn.key, record))
         return out
 
-    def release_deferred(self) -> list[tuple[str, dict[str, Any]]]:
+    @property
+    def deferred(self) -> int:
+        """Records waiting for a peer's name."""
+        return len(self._deferred)
+
+    def release_deferred(self, *, stopping: bool = False) -> list[tuple[str, dict[str, Any]]]:
         """(connection key, record) of deferred records whose peer is now known or whose wait
-        is over (then named by address)."""
+        is over (then named by address). ``stopping``: every one of them, now: their raw input
+        is committed, and a worker that stopped with them would lose them."""
         if not self._deferred:
             return []
         now = self._clock()
         out, waiting = [], []
         for deadline, conn, req in self._deferred:
-            names = self._names(conn, req, final=now >= deadline)
+            names = self._names(conn, req, final=stopping or now >= deadline)
             if names is None:
                 waiting.append((deadline, conn, req))
             else:

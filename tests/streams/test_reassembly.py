@@ -124,6 +124,20 @@ def test_unnamed_same_node_peer_falls_back_to_address_after_the_wait() -> None:
     assert len(r.take_partials()) == 1
 
 
+def test_a_stopping_worker_releases_every_deferred_record() -> None:
+    now = [0.0]
+    r = Reassembler(window_seconds=10, slow_threshold_ns=lambda _p: S, clock=lambda: now[0])
+    for port in (5000, 5001):
+        r.on_batch(f"c{port}", batch(1, "curl", ("127.0.0.1", port), ("127.0.0.1", 9000), [
+            [KIND_DATA_OUT, S, len(REQ), REQ], [KIND_DATA_IN, 2 * S, len(RESP), RESP]]))
+    now[0] = 1.0  # well inside the wait
+    assert r.release_deferred() == []
+    released = r.release_deferred(stopping=True)
+    assert sorted(key for key, _ in released) == ["c5000", "c5001"]
+    assert {rec["dst_workload"] for _, rec in released} == {"127.0.0.1"}
+    assert r.release_deferred(stopping=True) == []
+
+
 @pytest.mark.parametrize(("addr", "name"), [
     ("10.1.2.3", "10.1.2.3"), ("192.168.0.7", "192.168.0.7"), ("127.0.0.1", "127.0.0.1"),
     ("fd00::1", "fd00::1"), ("8.8.8.8", "external"), ("2001:4860::8888", "external"),
