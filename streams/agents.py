@@ -154,10 +154,12 @@ async def follow_listeners() -> None:
     loop = asyncio.get_running_loop()
     follower = CompactedFollower(config.kafka.librdkafka(), config.topic("meta.v1"),
                                  f"{config.streams.app_id}-meta")
+    invalid = 0
     while True:
         for key, record in await loop.run_in_executor(None, follower.fetch, 1.0):
-            _apply_meta(key, record)
-        counters["meta_malformed"] = follower.malformed + counters["meta_invalid"]
+            invalid += not _apply_meta(key, record)
+        counters["meta_records"] = follower.read
+        counters["meta_malformed"] = follower.malformed + invalid
         if follower.caught_up and not _listeners_known.is_set():
             log.info("listeners known: %d record(s) read from %s", follower.read,
                      follower.topic)
@@ -166,16 +168,18 @@ async def follow_listeners() -> None:
             await asyncio.sleep(2.0)  # no topic yet
 
 
-def _apply_meta(key: str, record: Any) -> None:
+def _apply_meta(key: str, record: Any) -> bool:
+    """Learn one meta.v1 record; False if it was unusable (logged, left out)."""
     if record is None:
-        return  # a tombstone: the probe sends none; a listener that closed is left named
+        return True  # a tombstone: the probe sends none; a listener that closed stays named
     try:
         if record.get("kind") == "listener":
             reassembler.on_listener(record)
             network.on_listener(record)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        counters["meta_invalid"] += 1
         log.warning("meta.v1 record %r left out: %s: %s", key, type(exc).__name__, exc)
+        return False
+    return True
 
 
 async def _wait_for_listeners(reader: str) -> None:

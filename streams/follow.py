@@ -76,6 +76,17 @@ class CompactedFollower:
         """Everything the topic held when it was opened has been read."""
         return self.reading and all(self._next.get(p, 0) >= end for p, end in self._ends.items())
 
+    def _advance(self) -> None:
+        """Count positions past offsets that hold no record for us (a transaction's commit
+        marker, a compacted tail): the last record read would leave the end out of reach."""
+        from confluent_kafka import TopicPartition
+
+        behind = [TopicPartition(self.topic, p) for p, end in self._ends.items()
+                  if self._next.get(p, 0) < end]
+        for tp in self._consumer.position(behind) if behind else ():
+            if tp.offset >= 0:
+                self._next[tp.partition] = max(self._next.get(tp.partition, 0), tp.offset)
+
     def fetch(self, timeout: float = 1.0) -> list[tuple[str, Any]]:
         """(key, decoded value) of what arrived, a tombstone's value None; a value that is not
         msgpack is counted in ``malformed`` and left out."""
@@ -97,6 +108,8 @@ class CompactedFollower:
                             None if value is None else msgpack.unpackb(value, raw=False)))
             except (ValueError, msgpack.UnpackException):
                 self.malformed += 1
+        if not self.caught_up:
+            self._advance()
         return out
 
     def close(self) -> None:

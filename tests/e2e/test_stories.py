@@ -180,22 +180,37 @@ def test_story_1_lossy_delayed_path_shows_on_its_edge_not_on_the_server(
         mine = {k: v for k, v in edges(pipe).items() if ns in k or "kse-" in k}
         raise AssertionError(f"{exc}\n{json.dumps(mine, indent=1)[:8000]}") from None
     rtt_a, rtt_b = tcp_a["rtt_seconds"]["p50"], tcp_b["rtt_seconds"]["p50"]
+    asked_a = statistics.median(result[url_a]["request_latencies"])
     client_a = a["by_side"]["client"]["latency_seconds"]["p50"]
     server_a = a["by_side"]["server"]["latency_seconds"]["p50"]
     client_b = b["by_side"]["client"]["latency_seconds"]["p50"]
     print(f"story 1: rtt p50 a={rtt_a:.6f}s b={rtt_b:.6f}s; retransmits a={tcp_a['retransmits']} "
           f"b={tcp_b['retransmits']}; latency p50 a client={client_a:.4f}s server={server_a:.4f}s,"
           f" b client={client_b:.4f}s; client-measured median a="
-          f"{statistics.median(result[url_a]['latencies']):.4f}s")
+          f"{statistics.median(result[url_a]['latencies']):.4f}s, of which the request "
+          f"{asked_a:.4f}s")
     # The edge to down-a: its RTT far above the clean edge's, and retransmits; the clean edge none.
     assert tcp_a["retransmits"] > 0 and tcp_b["retransmits"] == 0
     assert rtt_a > 0.01 and rtt_a > 10 * rtt_b
+    # kubesight's client side is what the client measured from sending the request to the
+    # end of the response (the connect before it is not part of a request). Its P50 lies
+    # among the client's middle values (a rank either way: a call that failed may count on
+    # one side and not the other; the delays can be bimodal, queued or not).
+    asked = sorted(result[url_a]["request_latencies"])
+    middle = len(asked) // 2
+    low, high = asked[max(0, middle - 2)], asked[min(len(asked) - 1, middle + 1)]
+    assert 0.75 * low - 0.002 <= client_a <= 1.25 * high + 0.002, (client_a, asked)
     # The gateway waited on down-a; down-a itself answered fast: the cause is the path. How
-    # long it waited is the shaper's queue delay, which the bulk transfer sets (49 ms in one
-    # run: the client's own median, 98 ms, also counts connecting through the same queue), so
-    # it is compared with the clean edge (under 1 ms here), not with a fixed delay.
-    assert client_a > 0.02 and client_a > 20 * client_b
-    assert server_a < client_a / 5
+    # long it waited is the shaper's queue delay, which the bulk transfer sets: 49-57 ms in
+    # most runs (the client's whole median, ~105 ms, also counts connecting through the same
+    # queue), so it is compared with the clean edge (under 1 ms), not with a fixed delay.
+    # Once in CI kubesight's P50 there was 0.5 ms while the client's whole median was 104 ms:
+    # most requests found the queue drained (the bulk sender backing off after the shaper's
+    # drops) and only their connects had waited. The client did not time the request alone
+    # then; now it does, and the story is held to it.
+    if asked_a > 0.02:
+        assert client_a > 0.02 and client_a > 20 * client_b
+    assert server_a < max(client_a / 5, 0.002)
 
 
 def test_story_2_cpu_hog_is_named_by_its_pod(

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from confluent_kafka import Producer
 
 from kubesight.config import Config, KafkaConfig
 from kubesight.topics import ensure_topics
@@ -54,10 +55,19 @@ def test_a_restarted_worker_still_knows_who_listens(kafka_bootstrap: str, tmp_pa
         pipe.exclude("server", listener_pid(port))
         url = f"http://127.0.0.1:{port}/r"
         try:
+            ensure_topics(pipe.config)
+            producer = Producer(pipe.config.kafka.librdkafka())
+            for value in (b"\xc1", msgpack.packb({"kind": "listener", "node": "e2e-node"})):
+                producer.produce(pipe.config.topic("meta.v1"), key=b"e2e-node/listen/bad",
+                                 value=value)  # not msgpack; a listener without an address
+            assert producer.flush(30) == 0
             pipe.start()
             for _ in range(5):
                 assert curl(url) == 200
             pipe.wait_total(5, REQ, side="client", dst_workload="restartsrv")
+            wait_for("the two bad meta.v1 records to be counted", lambda: 2 in pipe.series(
+                "kubesight_pipeline_counter_total", component="worker",
+                name="meta_malformed").values(), timeout=30)
 
             worker = pipe.components["worker"]
             worker.stop()  # SIGTERM: it leaves the group and commits what it read
@@ -79,7 +89,7 @@ def test_a_restarted_worker_still_knows_who_listens(kafka_bootstrap: str, tmp_pa
 
 def test_a_record_waiting_for_its_peer_leaves_with_the_stopping_worker(
         kafka_bootstrap: str, tmp_path: Path) -> None:
-    from confluent_kafka import Consumer, Producer, TopicPartition
+    from confluent_kafka import Consumer, TopicPartition
 
     base = Config(kafka=KafkaConfig(bootstrap_servers=kafka_bootstrap,
                                     topic_prefix=f"ksd{uuid.uuid4().hex[:8]}."))

@@ -93,3 +93,27 @@ def test_an_empty_topic_is_caught_up_at_once_and_a_missing_one_never(kafka_boots
     finally:
         empty.close()
         missing.close()
+
+
+def test_a_transaction_marker_at_the_end_does_not_keep_it_from_catching_up(
+        kafka_bootstrap: str) -> None:
+    """A transaction's commit marker takes the last offset but is no record: the end offset
+    is one past anything a reader ever gets."""
+    from confluent_kafka import Producer
+
+    topic = _topic(kafka_bootstrap, partitions=1)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap,
+                         "transactional.id": f"ksfollow-{uuid.uuid4().hex[:8]}"})
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for i in range(3):
+        producer.produce(topic, key=f"k{i}".encode(), value=msgpack.packb(i), partition=0)
+    producer.commit_transaction(30)
+
+    follower = CompactedFollower({"bootstrap.servers": kafka_bootstrap}, topic, "ksfollow-test")
+    try:
+        got = _read_until_caught_up(follower)
+        assert got == [("k0", 0), ("k1", 1), ("k2", 2)]
+        assert follower._ends == {0: 4}  # three records and the marker
+    finally:
+        follower.close()
