@@ -198,7 +198,34 @@ class Pipeline:
                     if k[0].startswith("kubesight_pipeline_counter")}
         parts.append("--- pipeline counters ---\n" + "\n".join(
             f"{dict(k[1])}: {v}" for k, v in sorted(pipeline.items(), key=str)))
+        calls: dict[tuple[str, str, str], float] = {}
+        for (name, lab), v in self.scrape().items():
+            if name == "kubesight_requests_total":
+                d = dict(lab)
+                key = (d.get("side", ""), d.get("src_workload", ""), d.get("dst_workload", ""))
+                calls[key] = calls.get(key, 0.0) + v
+        parts.append("--- requests by side, src, dst ---\n" + "\n".join(
+            f"{k}: {v}" for k, v in sorted(calls.items())))
+        parts.append(f"--- raw.v1: the group's committed offset / end ---\n{self._raw_offsets()}")
         return "\n".join(parts)
+
+    def _raw_offsets(self) -> str:
+        from confluent_kafka import Consumer, TopicPartition
+
+        topic = self.config.topic("raw.v1")
+        try:
+            group = Consumer({**self.config.kafka.librdkafka(),
+                              "group.id": self.config.streams.app_id})  # asks, never joins
+            try:
+                tps = [TopicPartition(topic, p) for p in range(self.config.kafka.partitions)]
+                return ", ".join(
+                    f"{tp.partition}: {tp.offset} / "
+                    f"{group.get_watermark_offsets(tp, timeout=5)[1]}"
+                    for tp in group.committed(tps, timeout=10))
+            finally:
+                group.close()
+        except Exception as exc:  # noqa: BLE001 - diagnostics must not hide the failure
+            return f"(not read: {type(exc).__name__}: {exc})"
 
 
 # -- real servers and clients -------------------------------------------------------------------
