@@ -26,7 +26,6 @@ from .follow import CompactedFollower
 
 __all__ = ["IdentityTable", "K8sFollower", "PodIdentity", "ServiceIdentity"]
 
-
 _TERMINATED = ("Succeeded", "Failed")  # their IPs may already belong to another pod
 
 

@@ -194,12 +194,13 @@ class Pipeline:
         parts = []
         for name, comp in self.components.items():
             parts.append(f"--- {name} log (tail) ---\n{comp.log_text()[-2500:]}")
-        pipeline = {k: v for k, v in self.scrape().items()
+        samples = self.scrape()
+        pipeline = {k: v for k, v in samples.items()
                     if k[0].startswith("kubesight_pipeline_counter")}
         parts.append("--- pipeline counters ---\n" + "\n".join(
             f"{dict(k[1])}: {v}" for k, v in sorted(pipeline.items(), key=str)))
         calls: dict[tuple[str, str, str], float] = {}
-        for (name, lab), v in self.scrape().items():
+        for (name, lab), v in samples.items():
             if name == "kubesight_requests_total":
                 d = dict(lab)
                 key = (d.get("side", ""), d.get("src_workload", ""), d.get("dst_workload", ""))
