@@ -199,6 +199,25 @@ struct {
 	__type(value, __u64);
 } tls_tgids SEC(".maps");			/* set by the first SSL_read/SSL_write of a process */
 
+/* Processes whose children are excluded as they are forked (kubesight's supervisor, and any
+ * process named in excluded_comms), so that a component it restarts is never traced, not
+ * even until the user side reads its pid file. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, L7_TGID_WORDS);
+	__type(key, __u32);
+	__type(value, __u64);
+} excluded_trees SEC(".maps");
+
+/* Process names never traced (probe.exclude_comms, and "kubesight"): asked only where a
+ * process starts, at fork and at exec, never per event. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, L7_MAX_EXCLUDED_COMMS);
+	__type(key, char[L7_COMM_LEN]);
+	__type(value, __u8);
+} excluded_comms SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, L7_CNT__MAX);
@@ -1540,6 +1559,96 @@ int udp_release(struct bpf_sock *ctx)
 	return 1;
 }
 #endif /* !L7_COMPAT */
+
+/* --- kubesight's own processes, from their first instruction ------------------------------
+ *
+ * The user side excludes what its pid files name, seconds after a process starts. These set
+ * the same bits where a process begins, so a component restarted by an excluded supervisor,
+ * or a process named in excluded_comms, sends nothing at all. Raw tracepoints with CO-RE
+ * reads, not BTF ones: the compat build runs where tracing programs are refused, and fork,
+ * exec and exit are rare enough that the reads' cost does not matter.
+ */
+static __always_inline void tgid_bit_set(void *bits, __u32 tgid, bool on)
+{
+	__u64 bit = 1ULL << (tgid % 64), *word = tgid_word(bits, tgid);
+
+	if (!word)
+		return;
+	if (on)
+		__sync_fetch_and_or(word, bit);
+	else
+		__sync_fetch_and_and(word, ~bit);
+}
+
+static __always_inline bool comm_excluded(void)
+{
+	char comm[L7_COMM_LEN] = {};
+
+	bpf_get_current_comm(comm, sizeof(comm));
+	return bpf_map_lookup_elem(&excluded_comms, comm) != NULL;
+}
+
+static __always_inline void exclude_from_start(__u32 tgid)
+{
+	if (!tgid_bit(&excluded_tgids, tgid))
+		count(L7_CNT_EXCLUDED_AT_START);
+	tgid_bit_set(&excluded_tgids, tgid, true);
+	tgid_bit_set(&excluded_trees, tgid, true);
+}
+
+/* Runs in the parent; the child has the parent's comm until it calls exec. */
+SEC("raw_tp/sched_process_fork")
+int BPF_PROG(own_fork, struct task_struct *parent, struct task_struct *child)
+{
+	__u32 ptgid = BPF_CORE_READ(parent, tgid), tgid = BPF_CORE_READ(child, tgid);
+
+	if (tgid == ptgid)
+		return 0;	/* a new thread of the same process */
+	if (tgid_bit(&excluded_trees, ptgid) || comm_excluded())
+		exclude_from_start(tgid);
+	return 0;
+}
+
+/* Runs in the process itself, under its new name. */
+SEC("raw_tp/sched_process_exec")
+int BPF_PROG(own_exec, struct task_struct *p)
+{
+	if (comm_excluded())
+		exclude_from_start(BPF_CORE_READ(p, tgid));
+	return 0;
+}
+
+/* The user side's exclusions, run with BPF_PROG_TEST_RUN, never attached: atomic against the
+ * hooks here, where a map update from user space would write a whole word back over a bit
+ * one of them set meanwhile. set and clear: 1 excluded_tgids, 2 excluded_trees. */
+SEC("raw_tp")
+int BPF_PROG(own_update, __u64 tgid, __u64 set, __u64 clear)
+{
+	if (set & 1)
+		tgid_bit_set(&excluded_tgids, tgid, true);
+	if (set & 2)
+		tgid_bit_set(&excluded_trees, tgid, true);
+	if (clear & 1)
+		tgid_bit_set(&excluded_tgids, tgid, false);
+	if (clear & 2)
+		tgid_bit_set(&excluded_trees, tgid, false);
+	return 0;
+}
+
+/* The last thread of a process is gone: its pid may go to a process that is not ours. */
+SEC("raw_tp/sched_process_exit")
+int BPF_PROG(own_exit, struct task_struct *p)
+{
+	__u32 tgid = BPF_CORE_READ(p, tgid);
+
+	if (BPF_CORE_READ(p, signal, live.counter))
+		return 0;	/* other threads live on */
+	if (tgid_bit(&excluded_tgids, tgid))
+		tgid_bit_set(&excluded_tgids, tgid, false);
+	if (tgid_bit(&excluded_trees, tgid))
+		tgid_bit_set(&excluded_trees, tgid, false);
+	return 0;
+}
 
 /* --- TLS library (uprobes) -------------------------------------------------------------- */
 

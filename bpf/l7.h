@@ -12,6 +12,7 @@
 #define L7_MAX_MMSG_VLEN   1024	/* fast build: the kernel's cap on their vlen (UIO_MAXIOV) */
 #define L7_MAX_INFLIGHT    16384	/* threads inside a traced syscall at once */
 #define L7_TGID_WORDS      65536	/* per-tgid bitmaps: 64 tgids a word, pid_max <= 4M */
+#define L7_MAX_EXCLUDED_COMMS 64	/* process names (comm) never traced */
 #define L7_RINGBUF_BYTES   (16 << 20)	/* default; the loader may resize before load */
 #define L7_ADDR_LEN        16
 #define L7_COMM_LEN        16
@@ -54,6 +55,7 @@ enum l7_counter {
 	L7_CNT_FLOW_TABLE_FULL,		/* UDP flow identity not stored */
 	L7_CNT_TLS_CIPHERTEXT,		/* syscall data of a TLS connection: not sent */
 	L7_CNT_TLS_NO_SOCKET,		/* TLS call whose socket was never seen: not sent */
+	L7_CNT_EXCLUDED_AT_START,	/* process excluded where it began (fork or exec) */
 	L7_CNT__MAX,
 };
 

@@ -99,6 +99,10 @@ class KafkaConfig:
         return conf
 
 
+COMM_MAX = 15  # TASK_COMM_LEN - 1: the kernel cuts longer names
+EXCLUDE_COMMS_MAX = 63  # bpf/l7.h L7_MAX_EXCLUDED_COMMS, less "kubesight"
+
+
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
     capture_bytes: int = 4096  # payload prefix captured per read/write (power of two)
@@ -111,6 +115,8 @@ class ProbeConfig:
     batch_max_events: int = 512  # events per Kafka message (one connection per message)
     flush_interval_ms: int = 100
     health_interval_s: float = 5.0
+    # Process names (as in /proc/<pid>/comm, ≤ 15 bytes) never traced, nor what they start,
+    # from the moment they fork or exec. kubesight's own name, "kubesight", always is.
     exclude_comms: tuple[str, ...] = ()
     # Plaintext of TLS connections from uprobes on the OpenSSL libraries processes load.
     tls: bool = True
@@ -153,6 +159,13 @@ class ProbeConfig:
                 f"probe.node_interval_s: must be within 0.5..3600, got {self.node_interval_s}")
         if not 1 <= self.top_n <= 100:
             raise ConfigError(f"probe.top_n: must be within 1..100, got {self.top_n}")
+        if len(self.exclude_comms) > EXCLUDE_COMMS_MAX:
+            raise ConfigError(f"probe.exclude_comms: at most {EXCLUDE_COMMS_MAX} names, got "
+                              f"{len(self.exclude_comms)}")
+        for comm in self.exclude_comms:
+            if not 1 <= len(comm.encode()) <= COMM_MAX or "/" in comm:
+                raise ConfigError(f"probe.exclude_comms: {comm!r} is not a process name (1..15 "
+                                  "bytes, no '/', as the kernel keeps it in /proc/<pid>/comm)")
 
 
 @dataclasses.dataclass(frozen=True)

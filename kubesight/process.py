@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,16 @@ def pid_alive(pid: int) -> bool:
         if stat.rsplit(")", 1)[1].split()[0] == "Z":
             return False
     return True
+
+
+def own_command() -> list[str]:
+    """How to start a kubesight component: the console script next to this interpreter, so
+    that it runs under the name "kubesight", which the probe excludes from its exec on (and
+    ``ps`` shows what it is); ``python -m kubesight.cli`` where there is no such script."""
+    script = Path(sys.executable).with_name("kubesight")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "kubesight.cli"]
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -14,14 +14,13 @@ import dataclasses
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from .config import Config
-from .process import stop_on_signals
+from .process import own_command, stop_on_signals
 
 if TYPE_CHECKING:
     from .broker import LocalBroker
@@ -81,7 +80,7 @@ class Supervisor:
             env["KUBESIGHT_KAFKA__BOOTSTRAP_SERVERS"] = config.kafka.bootstrap
         self.env = env
         logs = self.state / "logs"
-        me = [sys.executable, "-m", "kubesight.cli"]
+        me = own_command()
         self.components = [
             Component("sink", [*me, "sink"], logs / "sink.log"),
             Component("worker", [*me, "worker"], logs / "worker.log"),

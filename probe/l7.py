@@ -38,6 +38,7 @@ from .libbpf import (
     kernel_has_kfunc,
     num_possible_cpus,
 )
+from .node import tgids_named
 from .tls import TlsProbes
 
 log = logging.getLogger("kubesight.probe.l7")
@@ -130,7 +131,14 @@ COUNTER_NAMES = (
     "flow_table_full",
     "tls_ciphertext",
     "tls_no_socket",
+    "excluded_at_start",
 )
+
+# Always excluded by name, from fork or exec on: kubesight's console script (every component
+# the supervisor or a container starts as `kubesight <component>`).
+OWN_COMM = "kubesight"
+COMM_LEN = 16  # TASK_COMM_LEN
+_EXCLUDED, _TREE = 1, 2  # own_update's bits: excluded_tgids, excluded_trees
 
 
 class L7EventHeader(ctypes.Structure):
@@ -690,6 +698,7 @@ class L7Probe:
         capture_bytes: int = 4096,
         ringbuf_bytes: int = 16 << 20,
         exclude_tgids: tuple[int, ...] | list[int] = (),
+        exclude_comms: tuple[str, ...] | list[str] = (),
         filter_all: bool = False,
         tls: bool = True,
         build: str | None = None,
@@ -710,6 +719,10 @@ class L7Probe:
         self._tls: TlsProbes | None = None
         self.bpf_dir = Path(bpf_dir) if bpf_dir is not None else _default_bpf_dir()
         self._excluded = {os.getpid(), *exclude_tgids}
+        self.exclude_comms = frozenset({OWN_COMM, *exclude_comms})
+        for comm in self.exclude_comms:
+            if not 0 < len(comm.encode()) < COMM_LEN:
+                raise ValueError(f"exclude_comms: {comm!r} is not a process name (1..15 bytes)")
         self._obj: BpfObject | None = None
         self._reader: RingReader | None = None
         self._grouped: GroupedDrain | None = None  # drain_into's buffers, on its first call
@@ -757,9 +770,15 @@ class L7Probe:
             try:
                 self._obj = obj
                 # Exclusions go in before attach: not one event from an excluded process.
+                # Those by name cover what runs now; the fork and exec hooks what starts.
+                for comm in sorted(self.exclude_comms):
+                    obj.map_update("excluded_comms", comm.encode().ljust(COMM_LEN, b"\0"),
+                                   b"\x01")
                 for tgid in sorted(self._excluded):
                     self.exclude_tgid(tgid)
                 hooks = obj.attach_all()
+                for tgid in sorted(tgids_named(self.exclude_comms)):
+                    self.exclude_tree(tgid)
                 self.build = name
                 return obj, hooks
             except ProbeAttachError as exc:
@@ -785,7 +804,7 @@ class L7Probe:
                 "filter_all": bytes([self.filter_all]),
             })
             obj.resize_map("events", max_entries=self.ringbuf_bytes)
-            for bits in ("excluded_tgids", "tls_tgids"):  # one bit per possible tgid
+            for bits in ("excluded_tgids", "excluded_trees", "tls_tgids"):  # a bit per tgid
                 obj.resize_map(bits, max_entries=-(-pid_max() // 64))
             obj.load()
         except ProbeLoadError as exc:
@@ -812,23 +831,31 @@ class L7Probe:
     def exclude_tgid(self, tgid: int) -> None:
         """Drop every event of this process in the kernel, from now on."""
         self._excluded.add(tgid)
-        self._set_excluded_bit(tgid, True)
+        self._update_bits(tgid, set_=_EXCLUDED)
+
+    def exclude_tree(self, tgid: int) -> None:
+        """exclude_tgid, and every process it forks from now on is excluded as it is born
+        (kubesight's supervisor: a component it restarts is never traced)."""
+        self._excluded.add(tgid)
+        self._update_bits(tgid, set_=_EXCLUDED | _TREE)
 
     def include_tgid(self, tgid: int) -> None:
-        """Undo exclude_tgid: for a process that exited, so that the next one given its pid
-        is traced."""
+        """Undo exclude_tgid and exclude_tree: for a process that exited, so that the next
+        one given its pid is traced. (The kernel also does this as a process exits.)"""
         self._excluded.discard(tgid)
-        self._set_excluded_bit(tgid, False)
+        self._update_bits(tgid, clear=_EXCLUDED | _TREE)
 
-    def _set_excluded_bit(self, tgid: int, on: bool) -> None:
+    def is_excluded(self, tgid: int) -> bool:
+        """Whether the kernel drops this process's events, whoever set its bit."""
         if self._obj is None:
-            return
-        key = (tgid // 64).to_bytes(4, "little")
-        word = int.from_bytes(self._obj.map_lookup("excluded_tgids", key, 8) or bytes(8),
-                              "little")
-        bit = 1 << tgid % 64
-        word = word | bit if on else word & ~bit
-        self._obj.map_update("excluded_tgids", key, word.to_bytes(8, "little"))
+            return False
+        word = self._obj.map_lookup("excluded_tgids", (tgid // 64).to_bytes(4, "little"), 8)
+        return bool(int.from_bytes(word or bytes(8), "little") >> tgid % 64 & 1)
+
+    def _update_bits(self, tgid: int, *, set_: int = 0, clear: int = 0) -> None:
+        # In the kernel (own_update), atomic against the fork, exec and exit hooks.
+        if self._obj is not None:
+            self._obj.run("own_update", tgid, set_, clear)
 
     def close(self) -> None:
         """Detach all programs and free maps; safe to call twice."""

@@ -366,6 +366,16 @@ class BpfObject:
         _check(_test_run(_prog_fd(prog), ctypes.byref(opts)), f"test run {program} on {cpu}")
         return int(opts.retval)
 
+    def run(self, program: str, *args: int) -> int:
+        """Run ``program`` (a raw_tp program, not attached) once here with BPF_PROG_TEST_RUN,
+        its arguments ``args`` (u64 each); returns its return value."""
+        prog = _check_ptr(_find_prog(self._obj, program.encode()), f"find program {program}")
+        ctx = (ctypes.c_uint64 * len(args))(*args)
+        opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), ctx_in=ctypes.addressof(ctx),
+                            ctx_size_in=ctypes.sizeof(ctx))
+        _check(_test_run(_prog_fd(prog), ctypes.byref(opts)), f"test run {program}")
+        return int(opts.retval)
+
     def program_fds(self) -> dict[str, int]:
         return {section: _prog_fd(prog) for section, prog in self.programs()}
 

@@ -26,7 +26,7 @@ from kubesight.process import run_component
 from . import node
 from .conntags import BackendLookup, ConnectionTagger
 from .cpu import NodeSampler
-from .l7 import L7Probe
+from .l7 import OWN_COMM, L7Probe
 from .libbpf import ProbeError
 from .publisher import Publisher, producer_config, split_buffer
 from .tcp import TcpProbe
@@ -49,11 +49,15 @@ class ProbeRunner:
         self.config = config
         self.probe_id = f"{int(time.time())}-{os.getpid()}"
         self._stop = threading.Event()
-        self._excluded: set[int] = {os.getpid()} | self._own_pids()
+        self._comms = frozenset({OWN_COMM, *config.probe.exclude_comms})
+        own, _roots = self._own_pids()
+        self._excluded: set[int] = {os.getpid()} | own
+        self._trees: set[int] = set()  # of those, the ones whose children are excluded at birth
         self._kernel = L7Probe(
             capture_bytes=config.probe.capture_bytes,
             ringbuf_bytes=config.probe.ringbuf_bytes,
             exclude_tgids=tuple(sorted(self._excluded)),
+            exclude_comms=tuple(sorted(self._comms)),
             filter_all=filter_all,
             tls=config.probe.tls,
         )
@@ -236,18 +240,28 @@ class ProbeRunner:
             log.error("tcp probe not started, running without TCP health: %s", exc)
             self._tcp = None
 
-    def _own_pids(self) -> set[int]:
-        """kubesight's other processes (supervisor, worker, sink, broker), from pid files."""
+    def _own_pids(self) -> tuple[set[int], set[int]]:
+        """kubesight's other processes, and the roots among them: those whose children the
+        kernel excludes as they are forked. From pid files (supervisor, worker, sink, broker)
+        and by name (probe.exclude_comms and kubesight's own); the supervisor and the named
+        processes are roots (the kernel also makes roots of processes named so as they start,
+        but not of those older than the probe)."""
         state = self.config.state_path
-        return node.read_pidfiles(state / "run") | node.read_pidfiles(state / "kafka")
+        roots = (node.read_pidfiles(state / "run", names=("supervisor",))
+                 | node.tgids_named(self._comms))
+        own = node.read_pidfiles(state / "run") | node.read_pidfiles(state / "kafka") | roots
+        return own, roots
 
     def _refresh_exclusions(self) -> None:
-        own = self._own_pids()
+        own, roots = self._own_pids()
         for tgid in own - self._excluded:
             self._kernel.exclude_tgid(tgid)
             if self._tcp is not None:
                 self._tcp.exclude_tgid(tgid)
             self._excluded.add(tgid)
+        for tgid in roots - self._trees:
+            self._kernel.exclude_tree(tgid)
+            self._trees.add(tgid)
         # A kubesight process that exited gives its pid back: whoever gets it next is traced.
         for tgid in self._excluded - own - {os.getpid()}:
             if Path(f"/proc/{tgid}").exists():
@@ -256,6 +270,7 @@ class ProbeRunner:
             if self._tcp is not None:
                 self._tcp.include_tgid(tgid)
             self._excluded.discard(tgid)
+            self._trees.discard(tgid)
 
     def _publish_listeners(self) -> None:
         topic = self.config.topic("meta.v1")

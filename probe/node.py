@@ -113,11 +113,31 @@ def listeners(proc: Path = Path("/proc")) -> list[Listener]:
     return sorted(found.values())
 
 
-def read_pidfiles(run_dir: Path) -> set[int]:
-    """tgids of kubesight's own components, from <state>/run/*.pid, to exclude in the kernel."""
+def tgids_named(names: set[str] | frozenset[str], proc: Path = Path("/proc")) -> set[int]:
+    """Processes whose name (/proc/<tgid>/comm, the thread group leader's) is one of ``names``."""
+    found: set[int] = set()
+    if not names:
+        return found
+    try:
+        entries = [e for e in os.listdir(proc) if e.isdigit()]
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            comm = (proc / entry / "comm").read_text().rstrip("\n")
+        except OSError:
+            continue  # exited since the listing
+        if comm in names:
+            found.add(int(entry))
+    return found
+
+
+def read_pidfiles(run_dir: Path, names: tuple[str, ...] = ()) -> set[int]:
+    """tgids of kubesight's own components, from <state>/run/*.pid (only <name>.pid of
+    ``names`` if given), to exclude in the kernel."""
     pids: set[int] = set()
     try:
-        files = list(run_dir.glob("*.pid"))
+        files = [run_dir / f"{n}.pid" for n in names] if names else list(run_dir.glob("*.pid"))
     except OSError:
         return pids
     for f in files:

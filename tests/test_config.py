@@ -34,6 +34,10 @@ def test_file_and_environment_override(tmp_path) -> None:
     ("", {"KUBESIGHT_KAFKA__SECURITY_PROTOCOL": "TLS"}, "kafka.security_protocol: 'TLS'"),
     ("", {"KUBESIGHT_SINKS__PROMETHEUS__LISTN": "x"}, "sinks.prometheus.listn: unknown key"),
     ("streams:\n  slow_threshold_ms:\n    http: -1\n", {}, "streams.slow_threshold_ms.http"),
+    ("probe:\n  exclude_comms: [kubesight-worker-1]\n", {},
+     "probe.exclude_comms: 'kubesight-worker-1' is not a process name (1..15 bytes"),
+    ("", {"KUBESIGHT_PROBE__EXCLUDE_COMMS": "sshd,/usr/sbin/cron"},
+     "probe.exclude_comms: '/usr/sbin/cron' is not a process name"),
     ("- a\n- b\n", {}, "top level must be a mapping"),
 ])
 def test_wrong_keys_and_values_are_named(tmp_path, text: str, env: dict[str, str],

@@ -23,6 +23,7 @@ from typing import IO, Any
 import yaml
 
 from kubesight.config import Config, load
+from kubesight.process import own_command
 from kubesight.topics import ensure_topics
 from tests.conftest import free_ports
 from tests.promtext import Labels, parse
@@ -107,7 +108,7 @@ class Pipeline:
         run.mkdir(parents=True, exist_ok=True)
         logs = workdir / "logs"
         logs.mkdir(exist_ok=True)
-        me = [sys.executable, "-m", "kubesight.cli"]
+        me = own_command()
         self.components = {name: Component(name, [*me, name], env, logs / f"{name}.log")
                            for name in ("sink", "worker", "probe")}
 
