@@ -42,6 +42,9 @@ class Component:
     proc: subprocess.Popen[bytes] | None = None
     restarts: list[float] = dataclasses.field(default_factory=list)
     given_up: bool = False
+    # Written here for a component that writes none itself (the Faust worker), at every
+    # start: the probe excludes what pid files name, and `kubesight status` reads them.
+    pid_path: Path | None = None
     _log: IO[bytes] | None = None
 
     def start(self, env: dict[str, str]) -> None:
@@ -49,6 +52,8 @@ class Component:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (kept open for the child)
         self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
+        if self.pid_path is not None:
+            self.pid_path.write_text(f"{self.proc.pid}\n")
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -83,7 +88,8 @@ class Supervisor:
         me = own_command()
         self.components = [
             Component("sink", [*me, "sink"], logs / "sink.log"),
-            Component("worker", [*me, "worker"], logs / "worker.log"),
+            Component("worker", [*me, "worker"], logs / "worker.log",
+                      pid_path=self.state / "run" / "worker.pid"),
         ]
         from .k8smeta import cluster_configured
 
@@ -117,8 +123,6 @@ class Supervisor:
                 f"{len(created)} created)")
             for comp in self.components:
                 comp.start(self.env)
-                if comp.name == "worker" and comp.proc is not None:
-                    (run_dir / "worker.pid").write_text(f"{comp.proc.pid}\n")
                 say(f"{comp.name:<10} up    pid {comp.proc.pid if comp.proc else '?'}, "
                     f"log {comp.log_path}")
             prom = self.config.sinks.prometheus
