@@ -36,6 +36,7 @@ from .libbpf import (
     ProbeLoadError,
     RingReader,
     kernel_has_kfunc,
+    kernel_has_uprobe_multi,
     num_possible_cpus,
 )
 from .node import tgids_named
@@ -701,6 +702,7 @@ class L7Probe:
         exclude_comms: tuple[str, ...] | list[str] = (),
         filter_all: bool = False,
         tls: bool = True,
+        uprobe_multi: bool | None = None,
         build: str | None = None,
         bpf_dir: Path | str | None = None,
     ) -> None:
@@ -713,6 +715,9 @@ class L7Probe:
         self.ringbuf_bytes = ringbuf_bytes
         self.filter_all = filter_all
         self.tls = tls
+        # TLS uprobes as uprobe_multi links (CAP_BPF + CAP_PERFMON) rather than perf events
+        # (CAP_SYS_ADMIN); None: wherever the kernel has them.
+        self.uprobe_multi = uprobe_multi
         self.build = build  # which object file; None: the fastest this kernel loads
         self.hooks: list[str] = []  # the sections attached, once started
         self.events_in_place = False  # see DIRECT_RECORDS_KFUNC; known after start()
@@ -750,12 +755,13 @@ class L7Probe:
         self.events_in_place = self.build != "l7_compat.bpf.o" and kernel_has_kfunc(
             DIRECT_RECORDS_KFUNC)
         log.info("l7 probe attached %d hooks (%s) from %s; events built %s; capture %d bytes, "
-                 "ring %d MiB, drain %s, TLS libraries %s%s",
+                 "ring %d MiB, drain %s, TLS libraries %s (%s)%s",
                  len(hooks), ", ".join(h.rsplit("/", 1)[-1] for h in hooks), self.build,
                  f"in place ({DIRECT_RECORDS_KFUNC})" if self.events_in_place
                  else "in per-CPU scratch",
                  self.capture_bytes, self.ringbuf_bytes >> 20, self._reader.mode,
                  ", ".join(self.tls_libraries) or "none yet",
+                 "uprobe_multi links" if self.uprobe_multi else "uprobes by perf event",
                  ", filtering everything" if self.filter_all else "")
 
     def _load_and_attach(self) -> tuple[BpfObject, list[str]]:
@@ -780,6 +786,7 @@ class L7Probe:
                 for tgid in sorted(tgids_named(self.exclude_comms)):
                     self.exclude_tree(tgid)
                 self.build = name
+                self.uprobe_multi = obj.uprobe_multi
                 return obj, hooks
             except ProbeAttachError as exc:
                 self._obj = None
@@ -806,6 +813,9 @@ class L7Probe:
             obj.resize_map("events", max_entries=self.ringbuf_bytes)
             for bits in ("excluded_tgids", "excluded_trees", "tls_tgids"):  # a bit per tgid
                 obj.resize_map(bits, max_entries=-(-pid_max() // 64))
+            if self.tls and (self.uprobe_multi if self.uprobe_multi is not None
+                             else kernel_has_uprobe_multi()):
+                obj.use_uprobe_multi()
             obj.load()
         except ProbeLoadError as exc:
             obj.close()
@@ -827,6 +837,11 @@ class L7Probe:
     @property
     def tls_libraries(self) -> list[str]:
         return sorted(self._tls.libraries.values()) if self._tls is not None else []
+
+    @property
+    def tls_not_probed(self) -> list[str]:
+        """Why each TLS library found could not be probed ("<why>"), one per library."""
+        return sorted(self._tls.failed.values()) if self._tls is not None else []
 
     def exclude_tgid(self, tgid: int) -> None:
         """Drop every event of this process in the kernel, from now on."""

@@ -21,6 +21,7 @@ import ctypes.util
 import errno
 import logging
 import os
+import struct
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -78,6 +79,9 @@ _prog_section = _fn("bpf_program__section_name", ctypes.c_char_p, _c_void_p)
 _prog_attach = _fn("bpf_program__attach", _c_void_p, _c_void_p)
 _attach_cgroup = _fn("bpf_program__attach_cgroup", _c_void_p, _c_void_p, ctypes.c_int)
 _prog_fd = _fn("bpf_program__fd", ctypes.c_int, _c_void_p)
+_prog_name = _fn("bpf_program__name", ctypes.c_char_p, _c_void_p)
+_prog_set_attach_type = _fn("bpf_program__set_expected_attach_type", ctypes.c_int, _c_void_p,
+                            ctypes.c_int)
 _find_prog = _fn("bpf_object__find_program_by_name", _c_void_p, _c_void_p, ctypes.c_char_p)
 
 
@@ -137,6 +141,7 @@ _rb_new = _fn("ring_buffer__new", _c_void_p, ctypes.c_int, _SAMPLE_CB, _c_void_p
 _rb_consume = _fn("ring_buffer__consume", ctypes.c_int, _c_void_p)
 _rb_free = _fn("ring_buffer__free", None, _c_void_p)
 
+_BTF_KIND_ENUM = 6
 _BTF_KIND_FUNC = 12
 _BTF_KIND_DATASEC = 15
 _ENOTSUPP = 524  # the kernel's own "operation not supported" (not in errno)
@@ -219,6 +224,42 @@ def kernel_has_kfunc(name: str) -> bool:
         _btf_free(btf)
 
 
+def kernel_has_enum_value(enum: str, value: str) -> bool:
+    """Whether the running kernel's BTF has ``value`` in ``enum`` (a UAPI feature test: an
+    attach type this kernel knows)."""
+    btf = _btf_load_vmlinux()
+    if not btf:
+        return False
+    try:
+        type_id = int(_btf_find(btf, enum.encode(), _BTF_KIND_ENUM))
+        if type_id <= 0:
+            return False
+        base = _btf_type(btf, type_id)
+        head = _BtfType.from_address(base)
+        for i in range(head.info & 0xFFFF):  # vlen members: struct btf_enum {name_off; val}
+            name_off = ctypes.c_uint32.from_address(base + ctypes.sizeof(_BtfType) + 8 * i)
+            if _btf_name(btf, name_off.value) == value.encode():
+                return True
+        return False
+    finally:
+        _btf_free(btf)
+
+
+# UAPI constants (include/uapi/linux/bpf.h), for the one bpf(2) call libbpf 1.1 cannot make.
+_SYS_BPF = 321  # x86-64
+_BPF_LINK_CREATE = 28
+BPF_TRACE_UPROBE_MULTI = 48
+_BPF_F_UPROBE_MULTI_RETURN = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def kernel_has_uprobe_multi() -> bool:
+    """uprobe_multi links (Linux >= 6.6) need only CAP_BPF and CAP_PERFMON; a uprobe made
+    through perf_event_open needs CAP_SYS_ADMIN."""
+    return kernel_has_enum_value("bpf_attach_type", "BPF_TRACE_UPROBE_MULTI")
+
+
 class BpfObject:
     """One opened BPF object file: configure it, load it, attach its programs, use its maps."""
 
@@ -226,6 +267,8 @@ class BpfObject:
         self.path = path
         self._obj: int | None = obj
         self._links: list[tuple[str, int]] = []
+        self._link_fds: list[tuple[str, int]] = []  # links made with bpf(2) directly
+        self.uprobe_multi = False  # see use_uprobe_multi
         self.loaded = False
 
     @classmethod
@@ -289,6 +332,16 @@ class BpfObject:
 
     # --- load and attach -------------------------------------------------------------------
 
+    def use_uprobe_multi(self) -> None:
+        """Before load: the uprobe programs attach as uprobe_multi links (a bpf(2) link on
+        the file and offset), not through perf_event_open, which needs CAP_SYS_ADMIN for a
+        uprobe. Only where kernel_has_uprobe_multi()."""
+        for section, prog in self.programs():
+            if section.startswith(("uprobe", "uretprobe")):
+                _check(_prog_set_attach_type(prog, BPF_TRACE_UPROBE_MULTI),
+                       f"set attach type of {section}")
+        self.uprobe_multi = True
+
     def load(self) -> None:
         _capture.lines = []
         try:
@@ -348,6 +401,9 @@ class BpfObject:
         what = f"attach {'uretprobe' if retprobe else 'uprobe'} {program} {binary}:{function}"
         if not prog:
             raise ProbeAttachError(f"{what}: no such program")
+        if self.uprobe_multi:
+            self._attach_uprobe_multi(prog, binary, function, retprobe, what)
+            return
         opts = _UprobeOpts(sz=ctypes.sizeof(_UprobeOpts), retprobe=retprobe,
                            func_name=function.encode())
         try:
@@ -356,6 +412,28 @@ class BpfObject:
         except OSError as exc:
             raise ProbeAttachError(what) from exc
         self._links.append((f"{program}:{binary}", link))
+
+    def _attach_uprobe_multi(self, prog: int, binary: str, function: str, retprobe: bool,
+                             what: str) -> None:
+        from .elf import ElfError, function_offset
+
+        try:
+            offset = function_offset(binary, function)
+        except (OSError, ElfError) as exc:
+            raise ProbeAttachError(f"{what}: {exc}") from exc
+        if offset is None:
+            raise ProbeAttachError(f"{what}: {function} is not exported there")
+        path = ctypes.create_string_buffer(os.fsencode(binary))
+        offsets = (ctypes.c_uint64 * 1)(offset)
+        attr = ctypes.create_string_buffer(64)  # union bpf_attr, link_create.uprobe_multi
+        struct.pack_into("<IIII", attr, 0, _prog_fd(prog), 0, BPF_TRACE_UPROBE_MULTI, 0)
+        struct.pack_into("<QQQQIII", attr, 16, ctypes.addressof(path), ctypes.addressof(offsets),
+                         0, 0, 1, _BPF_F_UPROBE_MULTI_RETURN if retprobe else 0, 0)
+        fd = _libc.syscall(_SYS_BPF, _BPF_LINK_CREATE, attr, len(attr))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise ProbeAttachError(f"{what}: {os.strerror(err)}") from OSError(err, what)
+        self._link_fds.append((f"{_prog_name(prog).decode()}:{binary}", int(fd)))
 
     def run_on_cpu(self, program: str, cpu: int) -> int:
         """Run ``program`` (a raw_tp program, not attached) once on ``cpu`` with
@@ -471,6 +549,8 @@ class BpfObject:
             section, link = self._links.pop()
             if _link_destroy(link) < 0:
                 log.warning("detach %s failed", section)
+        while self._link_fds:
+            os.close(self._link_fds.pop()[1])
         if self._obj:
             _obj_close(self._obj)
             self._obj = None

@@ -12,6 +12,7 @@ once. Statically linked TLS (Go's crypto/tls, BoringSSL inside a binary, Java) i
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Iterator
@@ -84,6 +85,7 @@ class TlsProbes:
         if key in self.libraries or key in self.failed:
             return None
         attached = 0
+        denied: ProbeAttachError | None = None
         for enter, leave, function in FUNCTIONS:
             try:
                 self._obj.attach_uprobe(enter, host_path, function)
@@ -92,6 +94,17 @@ class TlsProbes:
             except ProbeAttachError as exc:
                 # SSL_read_ex/SSL_write_ex are missing before OpenSSL 1.1.1: the others do.
                 log.debug("%s", exc)
+                cause = exc.__cause__
+                if isinstance(cause, OSError) and cause.errno in (errno.EPERM, errno.EACCES):
+                    denied = exc
+        if not attached and denied is not None:
+            how = ("uprobe_multi links need CAP_BPF and CAP_PERFMON" if self._obj.uprobe_multi
+                   else "a uprobe by perf event needs CAP_SYS_ADMIN (Linux >= 6.6 needs only "
+                        "CAP_BPF and CAP_PERFMON, with uprobe_multi links)")
+            self.failed[key] = f"uprobes not permitted: {how}"
+            log.warning("TLS library %s (pid %d): not probed, HTTPS stays ciphertext: %s (%s)",
+                        path, pid, self.failed[key], denied)
+            return None
         if not attached:
             self.failed[key] = "no SSL_read/SSL_write symbols"
             log.warning("TLS library %s (pid %d): no SSL_read/SSL_write to probe", path, pid)

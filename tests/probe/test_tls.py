@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from kubesight.probe.l7 import L7_DATA_IN, L7_DATA_OUT, L7_FLAG_TLS, L7Probe
+from kubesight.probe.libbpf import kernel_has_uprobe_multi
 
 from tests.e2e.harness import Nginx, wait_for
 
@@ -60,13 +61,19 @@ def nginx_tls(tmp_path: Path) -> Iterator[Nginx]:
         server.stop()
 
 
+@pytest.mark.parametrize("multi", [True, False], ids=["uprobe_multi", "perf_event"])
 def test_a_libssl_copy_loaded_after_start_is_probed_and_read_as_plaintext(
-        bpf_dir: Path, nginx_tls: Nginx, tmp_path: Path) -> None:
+        bpf_dir: Path, nginx_tls: Nginx, tmp_path: Path, multi: bool) -> None:
+    """Both ways of attaching a uprobe: a uprobe_multi link (Linux >= 6.6; only CAP_BPF
+    and CAP_PERFMON, offsets from probe/elf.py) and a perf event (libbpf's own)."""
+    if multi and not kernel_has_uprobe_multi():
+        pytest.skip("this kernel has no uprobe_multi links (Linux < 6.6)")
     libdir = tmp_path / "lib"
     libdir.mkdir()
     copy = libdir / "libssl.so.3"
     shutil.copy(_system_libssl(), copy)
-    with L7Probe(bpf_dir=bpf_dir) as probe:
+    with L7Probe(bpf_dir=bpf_dir, uprobe_multi=multi) as probe:
+        assert probe.uprobe_multi is multi
         assert str(copy) not in probe.tls_libraries
         client = subprocess.Popen([sys.executable, "-c", CLIENT, str(nginx_tls.port)],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
