@@ -307,6 +307,7 @@ class ProbeRunner:
         counters = {f"kernel_{k}": v for k, v in self._kernel.counters().items()}
         counters.update(self.publisher.stats())
         counters["tls_libraries_probed"] = len(self._kernel.tls_libraries)
+        counters["tls_libraries_not_probed"] = len(self._kernel.tls_not_probed)  # log says why
         if (backends := self._tagger.backends) is not None:
             counters["conntrack_lookups"] = backends.lookups
             counters["conntrack_backends_found"] = backends.found
