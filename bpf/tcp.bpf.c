@@ -93,11 +93,14 @@ struct {
 	__type(value, struct ks_tcp_proc);
 } listeners SEC(".maps");
 
+/* kubesight's own processes, one bit per tgid: the layout of l7's excluded_tgids, whose map
+ * the probe runner hands this object before load, so that l7's fork, exec and exit hooks
+ * keep both. Standalone, the user side sets the bits. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, KS_TCP_MAX_EXCLUDED);
-	__type(key, __u32);			/* tgid */
-	__type(value, __u8);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, KS_TCP_TGID_WORDS);
+	__type(key, __u32);			/* tgid / 64 */
+	__type(value, __u64);			/* bit tgid % 64 */
 } excluded_tgids SEC(".maps");
 
 struct {
@@ -133,7 +136,10 @@ static __always_inline void count(__u32 idx)
 
 static __always_inline bool is_excluded(__u32 tgid)
 {
-	return bpf_map_lookup_elem(&excluded_tgids, &tgid) != NULL;
+	__u32 word = tgid / 64;
+	__u64 *bits = bpf_map_lookup_elem(&excluded_tgids, &word);
+
+	return bits && (*bits >> (tgid % 64)) & 1;
 }
 
 static __always_inline __u32 log2_u32(__u32 v)

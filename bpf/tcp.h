@@ -8,7 +8,7 @@
 #define KS_TCP_MAX_CONNECTIONS 32768	/* LRU: sock -> connection; the loader may resize */
 #define KS_TCP_MAX_PEERS       16384	/* LRU: active 4-tuple -> process (same-node peers) */
 #define KS_TCP_MAX_LISTENERS   8192	/* (netns, port) -> listening process */
-#define KS_TCP_MAX_EXCLUDED    1024	/* tgids the user side excludes */
+#define KS_TCP_TGID_WORDS      65536	/* excluded tgids, 64 a word (pid_max <= 4M); resized */
 #define KS_TCP_RINGBUF_BYTES   (4 << 20)	/* closed connections waiting for the user side */
 #define KS_TCP_RTT_SLOTS       32	/* log2 histogram of srtt in µs: slot i holds [2^i, 2^(i+1)) */
 #define KS_TCP_ADDR_LEN        16

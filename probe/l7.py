@@ -860,6 +860,13 @@ class L7Probe:
         self._excluded.discard(tgid)
         self._update_bits(tgid, clear=_EXCLUDED | _TREE)
 
+    @property
+    def exclusions_fd(self) -> int:
+        """The excluded_tgids map, for TcpProbe.share_exclusions."""
+        if self._obj is None:
+            raise ProbeError("exclusions_fd before start()")
+        return self._obj.map_fd("excluded_tgids")
+
     def is_excluded(self, tgid: int) -> bool:
         """Whether the kernel drops this process's events, whoever set its bit."""
         if self._obj is None:

@@ -115,6 +115,7 @@ _test_run = _fn("bpf_prog_test_run_opts", ctypes.c_int, ctypes.c_int,
                 ctypes.POINTER(_TestRunOpts))
 _map_fd = _fn("bpf_map__fd", ctypes.c_int, _c_void_p)
 _map_set_max_entries = _fn("bpf_map__set_max_entries", ctypes.c_int, _c_void_p, ctypes.c_uint32)
+_map_reuse_fd = _fn("bpf_map__reuse_fd", ctypes.c_int, _c_void_p, ctypes.c_int)
 _map_set_value_size = _fn("bpf_map__set_value_size", ctypes.c_int, _c_void_p, ctypes.c_uint32)
 _map_max_entries = _fn("bpf_map__max_entries", ctypes.c_uint32, _c_void_p)
 _map_value_size = _fn("bpf_map__value_size", ctypes.c_uint32, _c_void_p)
@@ -327,6 +328,14 @@ class BpfObject:
                 _check(_map_set_max_entries(m, max_entries), f"{name}: set_max_entries")
             if value_size is not None:
                 _check(_map_set_value_size(m, value_size), f"{name}: set_value_size")
+        except OSError as exc:
+            raise ProbeLoadError(str(exc)) from exc
+
+    def reuse_map(self, name: str, fd: int) -> None:
+        """Before load: map ``name`` is the existing map ``fd`` (another object's, of the same
+        type, sizes and entries), not a new one."""
+        try:
+            _check(_map_reuse_fd(self._map(name), fd), f"{name}: reuse fd {fd}")
         except OSError as exc:
             raise ProbeLoadError(str(exc)) from exc
 

@@ -235,6 +235,8 @@ class ProbeRunner:
         if self._tcp is None:
             return
         try:
+            # One set of exclusion bits, kept by the l7 probe's fork, exec and exit hooks.
+            self._tcp.probe.share_exclusions(self._kernel.exclusions_fd)
             self._tcp.start()
         except ProbeError as exc:
             log.error("tcp probe not started, running without TCP health: %s", exc)

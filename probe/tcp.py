@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import NamedTuple
 
-from .l7 import _default_bpf_dir, _ensure_tracefs, struct_format
+from .l7 import _default_bpf_dir, _ensure_tracefs, pid_max, struct_format
 from .libbpf import BpfObject, ProbeError, ProbeMapError, RingReader, num_possible_cpus
 
 log = logging.getLogger("kubesight.probe.tcp")
@@ -224,6 +224,9 @@ class TcpProbe:
         self.max_connections = max_connections
         self.bpf_dir = Path(bpf_dir) if bpf_dir is not None else _default_bpf_dir()
         self._excluded = {os.getpid(), *exclude_tgids}
+        # An l7 probe's excluded_tgids map (share_exclusions): its hooks and its owner set
+        # the bits; this object only reads them.
+        self._shared_exclusions: int | None = None
         self._obj: BpfObject | None = None
         self._reader: RingReader | None = None
         self._ncpu = num_possible_cpus()
@@ -238,6 +241,9 @@ class TcpProbe:
         try:
             obj.resize_map("events", max_entries=self.ringbuf_bytes)
             obj.resize_map("conns", max_entries=self.max_connections)
+            obj.resize_map("excluded_tgids", max_entries=-(-pid_max() // 64))
+            if self._shared_exclusions is not None:
+                obj.reuse_map("excluded_tgids", self._shared_exclusions)
             obj.load()
             self._obj = obj
             # Exclusions go in before attach: no connection of an excluded process is tracked.
@@ -279,17 +285,33 @@ class TcpProbe:
 
     # --- configuration while running -------------------------------------------------------
 
+    def share_exclusions(self, map_fd: int) -> None:
+        """Before start(): read kubesight's own processes from an l7 probe's excluded_tgids
+        (L7Probe.exclusions_fd), which its fork, exec and exit hooks keep from a process's
+        first instruction. exclude_tgid and include_tgid then change only this side's
+        bookkeeping: the l7 probe's owner sets the bits."""
+        if self._obj is not None:
+            raise ProbeError("share_exclusions() after start()")
+        self._shared_exclusions = map_fd
+
     def exclude_tgid(self, tgid: int) -> None:
         """Connections this process opens from now on are not tracked."""
         self._excluded.add(tgid)
-        if self._obj is not None:
-            self._obj.map_update("excluded_tgids", tgid.to_bytes(4, "little"), b"\x01")
+        self._set_bit(tgid, True)
 
     def include_tgid(self, tgid: int) -> None:
         """Undo exclude_tgid (the process exited; its pid may be given to another)."""
         self._excluded.discard(tgid)
-        if self._obj is not None:
-            self._obj.map_delete("excluded_tgids", tgid.to_bytes(4, "little"))
+        self._set_bit(tgid, False)
+
+    def _set_bit(self, tgid: int, on: bool) -> None:
+        if self._obj is None or self._shared_exclusions is not None:
+            return
+        key = (tgid // 64).to_bytes(4, "little")  # no hook here writes it: no race
+        word = int.from_bytes(self._obj.map_lookup("excluded_tgids", key, 8) or bytes(8),
+                              "little")
+        word = word | 1 << tgid % 64 if on else word & ~(1 << tgid % 64)
+        self._obj.map_update("excluded_tgids", key, word.to_bytes(8, "little"))
 
     def learn_listener(self, port: int, tgid: int, comm: str, *, netns: int | None = None
                        ) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from kubesight.probe.l7 import L7_DATA_IN, L7_DATA_OUT, L7Probe, RawEvent
+from kubesight.probe.tcp import TcpConnection, TcpProbe
 
 from .conftest import Nginx, poll_until
 
@@ -53,6 +55,9 @@ def test_own_processes_send_nothing_from_their_first_instruction(
         with L7Probe(exclude_comms=(NAMED_CURL, NAMED_SH), build=build, tls=False,
                      bpf_dir=bpf_root) as probe:
             assert probe.is_excluded(root.pid), "a process older than the probe, by name"
+            tcp = TcpProbe(bpf_dir=bpf_root)  # reads the same bits, as the probe runner's does
+            tcp.share_exclusions(probe.exclusions_fd)
+            tcp.start()
             out, _ = root.communicate("go\n", timeout=20)
             tree_port = int(out)
 
@@ -67,6 +72,12 @@ def test_own_processes_send_nothing_from_their_first_instruction(
             events = poll_until(probe, lambda evs: all(
                 _requests_from(evs, nginx, p) for p in (tree_port, named_port, plain_port))
                 and bool(_client_events(evs, plain_port)))
+            closed: list[TcpConnection] = []
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and plain_port not in {c.lport for c in closed}:
+                closed += tcp.drain()
+                time.sleep(0.05)
+            tcp.close()
             at_start = probe.counters()["excluded_at_start"]
             # The kernel forgets a process as it exits: its pid may go to one not ours.
             still = [pid for pid in (root.pid,) if probe.is_excluded(pid)]
@@ -78,5 +89,8 @@ def test_own_processes_send_nothing_from_their_first_instruction(
     assert _client_events(events, plain_port), "the control: a plain curl is traced"
     assert _client_events(events, tree_port) == [], "started by an excluded root"
     assert _client_events(events, named_port) == [], "exec'd under an excluded name"
+    tracked = {c.lport for c in closed if c.rport == nginx.port}
+    assert plain_port in tracked, "the control, in the TCP probe"
+    assert not {tree_port, named_port} & tracked, "the TCP probe shares the exclusions"
     assert at_start >= 2, at_start  # the root's child at fork, the named curl at exec
     assert still == []

@@ -51,6 +51,7 @@ class Kernel:
         return {"ringbuf_drops": self.drops}
 
     tls_libraries: list[str] = []
+    tls_not_probed: list[str] = []
 
     def close(self) -> None:
         self.closed = True
@@ -103,6 +104,8 @@ def runner_with(kernel: Kernel, tmp_path: Path) -> ProbeRunner:
     runner._producer = Producer()
     runner._tagger = Tagger()
     runner._excluded = set()
+    runner._trees = set()
+    runner._comms = frozenset()
     runner._node_samples = runner._node_dropped = 0
     runner._last_drain = runner._drain_gap_max = runner._drain_max = 0.0
     runner._drops_seen = 0
