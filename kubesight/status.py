@@ -23,7 +23,14 @@ STALE_S = 30.0
 RATE_KEYS = {"probe": ("events_in", "kafka_delivered"),
              "worker": ("raw_batches", "requests"),
              "sink": ("windows_in",)}
-DROP_WORDS = ("drop", "error", "fail", "dead", "truncated", "unparsed", "lag")
+# Counters that say something was lost or not seen: shown under drops/errors when non-zero.
+# "not_probed": a TLS library the probe could not put uprobes on (its HTTPS is not seen).
+DROP_WORDS = ("drop", "error", "fail", "dead", "truncated", "unparsed", "lag", "not_probed")
+
+
+def drops(counters: dict[str, Any]) -> dict[str, Any]:
+    """The non-zero counters of a health record that name a loss or a blind spot."""
+    return {k: v for k, v in counters.items() if v and any(w in k for w in DROP_WORDS)}
 
 
 def _processes(config: Config) -> dict[str, int | None]:
@@ -111,12 +118,10 @@ def collect(config: Config) -> dict[str, Any]:
             for k in RATE_KEYS.get(comp, ()):
                 if dt > 0 and k in last["counters"]:
                     rates[k] = (last["counters"][k] - recs[0]["counters"].get(k, 0)) / dt
-        drops = {k: v for k, v in last["counters"].items()
-                 if v and any(w in k for w in DROP_WORDS)}
         components.append({"component": comp, "node": node, "instance": instance,
                            "age_s": round(age, 1), "fresh": age < STALE_S,
                            "rates_per_s": {k: round(v, 1) for k, v in rates.items()},
-                           "drops": drops, "counters": last["counters"]})
+                           "drops": drops(last["counters"]), "counters": last["counters"]})
     healthy = broker_ok and all(c["fresh"] for c in components) and bool(components)
     return {"bootstrap": config.kafka.bootstrap, "broker_reachable": broker_ok,
             "processes": procs, "metrics_endpoint_ok": _metrics_ok(config),
