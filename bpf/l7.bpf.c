@@ -1635,7 +1635,8 @@ int BPF_PROG(own_update, __u64 tgid, __u64 set, __u64 clear)
 	return 0;
 }
 
-/* The last thread of a process is gone: its pid may go to a process that is not ours. */
+/* The last thread of a process is gone: its pid may go to a process that is not ours (and
+ * one that may use no TLS: its syscalls need not ask for a TLS call). */
 SEC("raw_tp/sched_process_exit")
 int BPF_PROG(own_exit, struct task_struct *p)
 {
@@ -1647,6 +1648,8 @@ int BPF_PROG(own_exit, struct task_struct *p)
 		tgid_bit_set(&excluded_tgids, tgid, false);
 	if (tgid_bit(&excluded_trees, tgid))
 		tgid_bit_set(&excluded_trees, tgid, false);
+	if (tgid_bit(&tls_tgids, tgid))	/* the next process with this pid may use no TLS */
+		tgid_bit_set(&tls_tgids, tgid, false);
 	return 0;
 }
 

@@ -51,6 +51,14 @@ def _system_libssl() -> Path:
     return Path("/lib") / name
 
 
+def _tls_bit(probe: L7Probe, tgid: int) -> bool:
+    """The kernel's "this process makes TLS calls" bit (tls_tgids, set at its first SSL call)."""
+    obj = probe._obj
+    assert obj is not None
+    word = obj.map_lookup("tls_tgids", (tgid // 64).to_bytes(4, "little"), 8)
+    return bool(int.from_bytes(word or bytes(8), "little") >> tgid % 64 & 1)
+
+
 @pytest.fixture
 def nginx_tls(tmp_path: Path) -> Iterator[Nginx]:
     server = Nginx(tmp_path, tls=True)
@@ -89,11 +97,15 @@ def test_a_libssl_copy_loaded_after_start_is_probed_and_read_as_plaintext(
             assert client.stdout.readline().strip() == "HTTP/1.1 200 OK"
             mine = poll_until(probe, lambda evs: any(
                 e.tgid == client.pid and e.kind == L7_DATA_IN for e in evs))
+            tls_bit_while_alive = _tls_bit(probe, client.pid)
         finally:
             client.kill()
             client.wait()
             client.stdin.close()
             client.stdout.close()
+        # Its pid may go to a process without TLS: the exit hook clears the bit.
+        tls_bit_after_exit = _tls_bit(probe, client.pid)
+    assert (tls_bit_while_alive, tls_bit_after_exit) == (True, False)
     data = [e for e in mine if e.tgid == client.pid and e.kind in (L7_DATA_OUT, L7_DATA_IN)]
     assert data and all(e.flags & L7_FLAG_TLS for e in data)  # never the ciphertext
     assert [e.payload[:10] for e in data if e.kind == L7_DATA_OUT] == [b"GET /small"]
