@@ -729,6 +729,7 @@ class L7Probe:
             if not 0 < len(comm.encode()) < COMM_LEN:
                 raise ValueError(f"exclude_comms: {comm!r} is not a process name (1..15 bytes)")
         self._obj: BpfObject | None = None
+        self._atomic_bits = True  # own_update runs (BPF_PROG_TEST_RUN of a raw_tp program)
         self._reader: RingReader | None = None
         self._grouped: GroupedDrain | None = None  # drain_into's buffers, on its first call
         self._ncpu = num_possible_cpus()
@@ -876,8 +877,24 @@ class L7Probe:
 
     def _update_bits(self, tgid: int, *, set_: int = 0, clear: int = 0) -> None:
         # In the kernel (own_update), atomic against the fork, exec and exit hooks.
-        if self._obj is not None:
-            self._obj.run("own_update", tgid, set_, clear)
+        if self._obj is None:
+            return
+        if self._atomic_bits:
+            try:
+                self._obj.run("own_update", tgid, set_, clear)
+                return
+            except OSError as exc:  # raw_tp test runs came with Linux 5.10
+                log.warning("cannot run own_update on this kernel (%s): exclusion bits are "
+                            "written from user space, not atomically against the fork, exec "
+                            "and exit hooks", exc)
+                self._atomic_bits = False
+        for bit, bits in ((_EXCLUDED, "excluded_tgids"), (_TREE, "excluded_trees")):
+            if not (set_ | clear) & bit:
+                continue
+            key = (tgid // 64).to_bytes(4, "little")
+            word = int.from_bytes(self._obj.map_lookup(bits, key, 8) or bytes(8), "little")
+            word = word | 1 << tgid % 64 if set_ & bit else word & ~(1 << tgid % 64)
+            self._obj.map_update(bits, key, word.to_bytes(8, "little"))
 
     def close(self) -> None:
         """Detach all programs and free maps; safe to call twice."""
