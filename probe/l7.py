@@ -666,6 +666,10 @@ def pid_max() -> int:
         return 1 << 22  # PID_MAX_LIMIT on 64-bit
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def _default_bpf_dir() -> Path:
     env = os.environ.get("KUBESIGHT_BPF_DIR")
     if env:
@@ -804,7 +808,27 @@ class L7Probe:
 
     def _load(self, name: str, *, last: bool) -> BpfObject | None:
         """Open and load one build; None if the kernel refuses it and another build is left
-        to try (the last one's refusal is raised, verifier log and all)."""
+        to try (the last one's refusal is raised, verifier log and all). A build that loads
+        only with perf-event uprobes for TLS gets them (said in the log)."""
+        multi = self.tls and (self.uprobe_multi if self.uprobe_multi is not None
+                              else kernel_has_uprobe_multi())
+        try:
+            try:
+                return self._open_and_load(name, uprobe_multi=multi)
+            except ProbeLoadError as exc:
+                if not multi or self.uprobe_multi:  # nothing to fall back to, or asked for
+                    raise
+                log.warning("%s does not load with uprobe_multi TLS programs (%s); loading it "
+                            "with uprobes by perf event", name, _first_line(exc))
+                return self._open_and_load(name, uprobe_multi=False)
+        except ProbeLoadError as exc:
+            if last:
+                raise
+            log.warning("%s does not load on this kernel (%s); trying the next build", name,
+                        _first_line(exc))
+            return None
+
+    def _open_and_load(self, name: str, *, uprobe_multi: bool) -> BpfObject:
         obj = BpfObject.open(self.bpf_dir / name)
         try:
             obj.set_rodata({
@@ -814,18 +838,9 @@ class L7Probe:
             obj.resize_map("events", max_entries=self.ringbuf_bytes)
             for bits in ("excluded_tgids", "excluded_trees", "tls_tgids"):  # a bit per tgid
                 obj.resize_map(bits, max_entries=-(-pid_max() // 64))
-            if self.tls and (self.uprobe_multi if self.uprobe_multi is not None
-                             else kernel_has_uprobe_multi()):
+            if uprobe_multi:
                 obj.use_uprobe_multi()
             obj.load()
-        except ProbeLoadError as exc:
-            obj.close()
-            if last:
-                raise
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            log.warning("%s does not load on this kernel (%s); trying the next build", name,
-                        first)
-            return None
         except BaseException:
             obj.close()
             raise

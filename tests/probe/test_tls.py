@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from kubesight.probe.l7 import L7_DATA_IN, L7_DATA_OUT, L7_FLAG_TLS, L7Probe
-from kubesight.probe.libbpf import kernel_has_uprobe_multi
+from kubesight.probe.libbpf import BpfObject, ProbeLoadError, kernel_has_uprobe_multi
 
 from tests.e2e.harness import Nginx, wait_for
 
@@ -110,3 +110,25 @@ def test_a_libssl_copy_loaded_after_start_is_probed_and_read_as_plaintext(
     assert data and all(e.flags & L7_FLAG_TLS for e in data)  # never the ciphertext
     assert [e.payload[:10] for e in data if e.kind == L7_DATA_OUT] == [b"GET /small"]
     assert data[-1].payload.startswith(b"HTTP/1.1 200 OK")
+
+
+def test_a_build_refusing_uprobe_multi_programs_loads_with_perf_event_uprobes(
+        bpf_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kernel that knows uprobe_multi links but refuses to load the TLS programs as such
+    still gets the fast build, with uprobes by perf event, not the compat build or no probe.
+    The refusal is a stand-in (this kernel loads them): BpfObject.load raises for an object
+    set up for uprobe_multi, as the verifier would."""
+    if not kernel_has_uprobe_multi():
+        pytest.skip("this kernel has no uprobe_multi links (Linux < 6.6)")
+    real_load = BpfObject.load
+
+    def load(self: BpfObject) -> None:
+        if self.uprobe_multi:
+            raise ProbeLoadError("Invalid argument\n(stand-in: uprobe_multi programs refused)")
+        real_load(self)
+
+    monkeypatch.setattr(BpfObject, "load", load)
+    with L7Probe(bpf_dir=bpf_dir) as probe:
+        assert (probe.build, probe.uprobe_multi) == ("l7.bpf.o", False)
+    assert "does not load with uprobe_multi TLS programs (Invalid argument)" in caplog.text
