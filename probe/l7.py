@@ -812,15 +812,17 @@ class L7Probe:
         only with perf-event uprobes for TLS gets them (said in the log)."""
         multi = self.tls and (self.uprobe_multi if self.uprobe_multi is not None
                               else kernel_has_uprobe_multi())
+        path = self.bpf_dir / name
+        obj = BpfObject.open(path)  # a missing or unreadable file is not a kernel's refusal
         try:
             try:
-                return self._open_and_load(name, uprobe_multi=multi)
+                return self._configure_and_load(obj, uprobe_multi=multi)
             except ProbeLoadError as exc:
                 if not multi or self.uprobe_multi:  # nothing to fall back to, or asked for
                     raise
                 log.warning("%s does not load with uprobe_multi TLS programs (%s); loading it "
                             "with uprobes by perf event", name, _first_line(exc))
-                return self._open_and_load(name, uprobe_multi=False)
+                return self._configure_and_load(BpfObject.open(path), uprobe_multi=False)
         except ProbeLoadError as exc:
             if last:
                 raise
@@ -828,8 +830,8 @@ class L7Probe:
                         _first_line(exc))
             return None
 
-    def _open_and_load(self, name: str, *, uprobe_multi: bool) -> BpfObject:
-        obj = BpfObject.open(self.bpf_dir / name)
+    def _configure_and_load(self, obj: BpfObject, *, uprobe_multi: bool) -> BpfObject:
+        """Closes ``obj`` if it does not load."""
         try:
             obj.set_rodata({
                 "capture_bytes": self.capture_bytes.to_bytes(4, "little"),
