@@ -37,6 +37,9 @@ log.addFilter(RepeatFilter(every_s=10.0))  # a starved drain loop says so once p
 DRAIN_GAP_WARN_S = 0.5  # the default 128 MiB ring holds 0.45-0.9 s of wrk flat out on two cores
 
 EXCLUSION_REFRESH_S = 2.0
+# Processes under an excluded name are excluded by the kernel as they exec or fork; the /proc
+# walk (~20 µs a process) only catches a process renamed since (prctl), so it is rarer.
+NAMED_REFRESH_S = 30.0
 LISTENER_REFRESH_S = 5.0
 TLS_REFRESH_S = 2.0  # new processes' TLS libraries are probed within this
 SLOW_TASK_WARN_S = 0.5
@@ -50,6 +53,7 @@ class ProbeRunner:
         self.probe_id = f"{int(time.time())}-{os.getpid()}"
         self._stop = threading.Event()
         self._comms = frozenset({OWN_COMM, *config.probe.exclude_comms})
+        self._named = node.tgids_named(self._comms)  # as of the last _scan_named
         own, _roots = self._own_pids()
         self._excluded: set[int] = {os.getpid()} | own
         self._trees: set[int] = set()  # of those, the ones whose children are excluded at birth
@@ -154,6 +158,7 @@ class ProbeRunner:
         tasks = [
             ("sender priority", self._renice_senders, EXCLUSION_REFRESH_S),
             ("exclusions refresh", self._refresh_exclusions, EXCLUSION_REFRESH_S),
+            ("named processes scan", self._scan_named, NAMED_REFRESH_S),
             ("listener scan", self._publish_listeners, LISTENER_REFRESH_S),
             ("TLS library scan", self._kernel.scan_tls, TLS_REFRESH_S),
             ("node sample", self._publish_node, self.config.probe.node_interval_s),
@@ -249,10 +254,13 @@ class ProbeRunner:
         processes are roots (the kernel also makes roots of processes named so as they start,
         but not of those older than the probe)."""
         state = self.config.state_path
-        roots = (node.read_pidfiles(state / "run", names=("supervisor",))
-                 | node.tgids_named(self._comms))
+        roots = node.read_pidfiles(state / "run", names=("supervisor",)) | self._named
         own = node.read_pidfiles(state / "run") | node.read_pidfiles(state / "kafka") | roots
         return own, roots
+
+    def _scan_named(self) -> None:
+        self._named = node.tgids_named(self._comms)
+        self._refresh_exclusions()
 
     def _refresh_exclusions(self) -> None:
         own, roots = self._own_pids()

@@ -42,6 +42,7 @@ def bookkeeping_only(tmp_path: Path, comms: frozenset[str] = frozenset()
     runner._excluded = {os.getpid()}
     runner._trees = set()
     runner._comms = comms
+    runner._named = set()
     return runner, kernel, tcp
 
 
@@ -91,13 +92,13 @@ def test_the_supervisor_and_processes_named_so_are_roots(tmp_path: Path) -> None
         runner, kernel, tcp = bookkeeping_only(tmp_path, frozenset({"ks-excl-sleep"}))
         (run / "supervisor.pid").write_text(f"{supervisor.pid}\n")
         (run / "worker.pid").write_text(f"{worker.pid}\n")
-        runner._refresh_exclusions()
+        runner._scan_named()  # the /proc walk for names, then the pid files
         assert kernel.excluded == tcp.excluded == {supervisor.pid, worker.pid, other.pid}
         assert kernel.trees == {supervisor.pid, other.pid}
 
         other.kill()
         other.wait(timeout=10)
-        runner._refresh_exclusions()
+        runner._scan_named()
         assert kernel.trees == {supervisor.pid} and other.pid not in kernel.excluded
     finally:
         for proc in (supervisor, worker, other):

@@ -106,6 +106,7 @@ def runner_with(kernel: Kernel, tmp_path: Path) -> ProbeRunner:
     runner._excluded = set()
     runner._trees = set()
     runner._comms = frozenset()
+    runner._named = set()
     runner._node_samples = runner._node_dropped = 0
     runner._last_drain = runner._drain_gap_max = runner._drain_max = 0.0
     runner._drops_seen = 0
