@@ -109,6 +109,20 @@ def test_a_transaction_marker_at_the_end_does_not_keep_it_from_catching_up(
     for i in range(3):
         producer.produce(topic, key=f"k{i}".encode(), value=msgpack.packb(i), partition=0)
     producer.commit_transaction(30)
+    # commit_transaction returns once the coordinator has the commit; the marker reaches the
+    # partition after that, and until then a read_committed reader (librdkafka's default, so
+    # the follower's) sees an end of 0. Wait for the transaction to be visible: the state a
+    # restarted worker finds.
+    from confluent_kafka import Consumer, TopicPartition
+
+    probe = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": "ksfollow-probe"})
+    try:
+        deadline = time.monotonic() + 30
+        while probe.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)[1] < 4:
+            assert time.monotonic() < deadline, "the commit marker never reached the partition"
+            time.sleep(0.05)
+    finally:
+        probe.close()
 
     follower = CompactedFollower({"bootstrap.servers": kafka_bootstrap}, topic, "ksfollow-test")
     try:
