@@ -889,8 +889,7 @@ class L7Probe:
         """Whether the kernel drops this process's events, whoever set its bit."""
         if self._obj is None:
             return False
-        word = self._obj.map_lookup("excluded_tgids", (tgid // 64).to_bytes(4, "little"), 8)
-        return bool(int.from_bytes(word or bytes(8), "little") >> tgid % 64 & 1)
+        return self._obj.bit("excluded_tgids", tgid)
 
     def _update_bits(self, tgid: int, *, set_: int = 0, clear: int = 0) -> None:
         # In the kernel (own_update), atomic against the fork, exec and exit hooks.
@@ -906,12 +905,8 @@ class L7Probe:
                             "and exit hooks", exc)
                 self._atomic_bits = False
         for bit, bits in ((_EXCLUDED, "excluded_tgids"), (_TREE, "excluded_trees")):
-            if not (set_ | clear) & bit:
-                continue
-            key = (tgid // 64).to_bytes(4, "little")
-            word = int.from_bytes(self._obj.map_lookup(bits, key, 8) or bytes(8), "little")
-            word = word | 1 << tgid % 64 if set_ & bit else word & ~(1 << tgid % 64)
-            self._obj.map_update(bits, key, word.to_bytes(8, "little"))
+            if (set_ | clear) & bit:
+                self._obj.set_bit(bits, tgid, bool(set_ & bit))
 
     def close(self) -> None:
         """Detach all programs and free maps; safe to call twice."""

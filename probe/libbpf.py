@@ -447,21 +447,20 @@ class BpfObject:
     def run_on_cpu(self, program: str, cpu: int) -> int:
         """Run ``program`` (a raw_tp program, not attached) once on ``cpu`` with
         BPF_PROG_TEST_RUN (an IPI when it is another CPU); returns its return value."""
-        prog = _check_ptr(_find_prog(self._obj, program.encode()), f"find program {program}")
-        opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), flags=BPF_F_TEST_RUN_ON_CPU,
-                            cpu=cpu)
-        _check(_test_run(_prog_fd(prog), ctypes.byref(opts)), f"test run {program} on {cpu}")
-        return int(opts.retval)
+        return self._test_run(program, f"on {cpu}", flags=BPF_F_TEST_RUN_ON_CPU, cpu=cpu)
 
     def run(self, program: str, *args: int) -> int:
         """Run ``program`` (a raw_tp program, not attached) once here with BPF_PROG_TEST_RUN,
         its arguments ``args`` (u64 each); returns its return value."""
-        prog = _check_ptr(_find_prog(self._obj, program.encode()), f"find program {program}")
         ctx = (ctypes.c_uint64 * len(args))(*args)
-        opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), ctx_in=ctypes.addressof(ctx),
-                            ctx_size_in=ctypes.sizeof(ctx))
-        _check(_test_run(_prog_fd(prog), ctypes.byref(opts)), f"test run {program}")
-        return int(opts.retval)
+        return self._test_run(program, "", ctx_in=ctypes.addressof(ctx),
+                              ctx_size_in=ctypes.sizeof(ctx))
+
+    def _test_run(self, program: str, where: str, **opts: int) -> int:
+        prog = _check_ptr(_find_prog(self._obj, program.encode()), f"find program {program}")
+        run = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), **opts)
+        _check(_test_run(_prog_fd(prog), ctypes.byref(run)), f"test run {program} {where}".strip())
+        return int(run.retval)
 
     def program_fds(self) -> dict[str, int]:
         return {section: _prog_fd(prog) for section, prog in self.programs()}
@@ -480,6 +479,18 @@ class BpfObject:
             _check(_update_elem(self.map_fd(name), key, value, flags), f"update {name}")
         except OSError as exc:
             raise ProbeMapError(str(exc)) from exc
+
+    def bit(self, name: str, index: int) -> bool:
+        """Bit ``index`` of a bitmap map: u32 keys, u64 words of 64 bits."""
+        word = self.map_lookup(name, (index // 64).to_bytes(4, "little"), 8)
+        return bool(int.from_bytes(word or bytes(8), "little") >> index % 64 & 1)
+
+    def set_bit(self, name: str, index: int, on: bool) -> None:
+        """Read, change, write back one word: not atomic against programs writing it."""
+        key = (index // 64).to_bytes(4, "little")
+        word = int.from_bytes(self.map_lookup(name, key, 8) or bytes(8), "little")
+        word = word | 1 << index % 64 if on else word & ~(1 << index % 64)
+        self.map_update(name, key, word.to_bytes(8, "little"))
 
     def map_delete(self, name: str, key: bytes) -> None:
         rc = _delete_elem(self.map_fd(name), key)

@@ -307,11 +307,7 @@ class TcpProbe:
     def _set_bit(self, tgid: int, on: bool) -> None:
         if self._obj is None or self._shared_exclusions is not None:
             return
-        key = (tgid // 64).to_bytes(4, "little")  # no hook here writes it: no race
-        word = int.from_bytes(self._obj.map_lookup("excluded_tgids", key, 8) or bytes(8),
-                              "little")
-        word = word | 1 << tgid % 64 if on else word & ~(1 << tgid % 64)
-        self._obj.map_update("excluded_tgids", key, word.to_bytes(8, "little"))
+        self._obj.set_bit("excluded_tgids", tgid, on)  # no program here writes it: no race
 
     def learn_listener(self, port: int, tgid: int, comm: str, *, netns: int | None = None
                        ) -> None:
