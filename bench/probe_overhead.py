@@ -23,6 +23,9 @@ Modes, alternated round by round so drift in the machine hits all of them alike:
              kernel (l7_batch.bpf.o), each CPU flushed by the reader before each drain
              (flush_stage, BPF_PROG_TEST_RUN on that CPU); drained and dropped like
              capture-drop, so the two differ only in the kernel
+  filtered-syscalls, capture-syscalls  (only with --modes) filtered and capture with the
+             compat build (l7_compat.bpf.o): the syscalls:* tracepoints of DESIGN.md's
+             kernel hooks, which the issue's floor of 0.78-0.87 was measured with
   A mode may name a ring size and a capture size of its own: capture@4m, capture#256,
   capture-batch@8m#512.
 
@@ -58,8 +61,11 @@ sys.path.insert(0, str(REPO))
 
 from tests.e2e.harness import Nginx, WrkResult, wait_for, wrk  # noqa: E402
 
-MODES = ("filtered", "capture", "bare", "bare-batch", "capture-drop", "capture-batch")
-STATS_MODES = ("capture", "capture-drop", "capture-batch")  # each gets a bpf_stats round
+MODES = ("filtered", "capture", "bare", "bare-batch", "capture-drop", "capture-batch",
+         "filtered-syscalls", "capture-syscalls")
+CAPTURE_MODES = ("capture", "capture-syscalls")  # full capture, with the real user side
+# each gets a bpf_stats round
+STATS_MODES = ("capture", "capture-drop", "capture-batch", "capture-syscalls")
 DRAIN_AND_DROP = {"bare": "l7_bare.bpf.o", "bare-batch": "l7_bare_batch.bpf.o",
                   "capture-drop": "l7.bpf.o", "capture-batch": "l7_batch.bpf.o"}
 
@@ -138,7 +144,8 @@ def _probe_child(mode: str, bootstrap: str) -> None:
                     flush=mode == "capture-batch")
         return
     probe = L7Probe(capture_bytes=capture_bytes, ringbuf_bytes=ringbuf,
-                    filter_all=(mode == "filtered"))
+                    filter_all=mode.startswith("filtered"),
+                    build="l7_compat.bpf.o" if mode.endswith("-syscalls") else None)
     producer: Any
     if mode == "kafka":
         from confluent_kafka import Producer
@@ -315,8 +322,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--kafka", action="store_true", help="add the produce-to-local-broker mode")
     ap.add_argument("--modes", default="baseline,filtered,capture",
-                    help="comma-separated: baseline plus any of filtered,capture,bare,"
-                         "bare-batch,capture-drop,capture-batch, each optionally with a ring "
+                    help="comma-separated: baseline plus any of " + ",".join(MODES)
+                         + ", each optionally with a ring "
                          "size (capture@4m) and capture size (capture#256) of its own "
                          "(default: baseline,filtered,capture)")
     ap.add_argument("--unpinned", action="store_true",
@@ -387,7 +394,7 @@ def main() -> int:
                                repo=repo)
                 res["mode"] = mode
                 results[mode].append(res)
-                print(f"round {r + 1} {mode:<9} {res['rps']:>10,.0f} req/s", flush=True)
+                print(f"round {r + 1} {mode:<18} {res['rps']:>10,.0f} req/s", flush=True)
         # Their own rounds: the kernel's accounting slows every program.
         for mode in (m for m in modes if _parse_mode(m)[0] in STATS_MODES):
             stats_rounds[mode] = run_mode(mode, nginx.url + "/", args.seconds, bootstrap,
@@ -401,24 +408,25 @@ def main() -> int:
     base = statistics.median(x["rps"] for x in results["baseline"])
     # Paired: each round's ratio to the baseline of the same round, then their geometric
     # mean; steadier than a ratio of medians when the machine drifts between rounds.
-    print("\nmode       median req/s   ratio to baseline   paired (geomean)   per-round ratios")
+    print(f"\n{'mode':<18} median req/s   ratio to baseline   paired (geomean)   "
+          "per-round ratios")
     for mode in modes:
         rps = [x["rps"] for x in results[mode]]
         med = statistics.median(rps)
         per_round = [x["rps"] / b["rps"] for x, b in zip(results[mode], results["baseline"],
                                                          strict=True)]
-        print(f"{mode:<10} {med:>12,.0f}   {med / base:>17.3f}   "
+        print(f"{mode:<18} {med:>12,.0f}   {med / base:>17.3f}   "
               f"{statistics.geometric_mean(per_round):>16.3f}   "
               + " ".join(f"{p:.3f}" for p in per_round))
     # Throughput moves with everything else on the machine; CPU per request counts only
     # nginx, wrk and the probe, so it is the steadier measure of the same cost.
     base_cpu = statistics.median(x["cpu_s"] / x["requests"] for x in results["baseline"])
-    print("\nmode       CPU us per request (nginx + wrk + probe)   ratio to baseline")
+    print("\nmode               CPU us per request (nginx + wrk + probe)   ratio to baseline")
     for mode in modes:
         per_req = statistics.median(x["cpu_s"] / x["requests"] for x in results[mode])
-        print(f"{mode:<10} {per_req * 1e6:>12.2f}   {base_cpu / per_req:>17.3f}")
+        print(f"{mode:<18} {per_req * 1e6:>12.2f}   {base_cpu / per_req:>17.3f}")
     for mode in modes:
-        if _parse_mode(mode)[0] != "capture" and mode != "compare":
+        if _parse_mode(mode)[0] not in CAPTURE_MODES and mode != "compare":
             continue
         cpu = [(x["probe"]["cpu_s"], x["probe"]["kernel"]["events"]) for x in results[mode]
                if x.get("probe", {}).get("kernel", {}).get("events")]

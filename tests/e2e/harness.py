@@ -44,6 +44,31 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0,
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
+def _cpu_busy_idle() -> tuple[int, int]:
+    """Busy and idle jiffies of all CPUs together (/proc/stat's "cpu" line)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields[:8]) - idle, idle
+
+
+def wait_quiet(min_idle: float = 0.6, window: float = 0.5, timeout: float = 30.0) -> float:
+    """Wait until the machine's CPUs were at least ``min_idle`` idle over one ``window``
+    (what earlier tests left running, a worker chewing a backlog, has settled), or the
+    deadline; returns the last window's idle fraction either way: a busy machine is
+    reported, not a failure of the caller's test."""
+    deadline = time.monotonic() + timeout
+    busy0, idle0 = _cpu_busy_idle()
+    frac = 0.0
+    while True:
+        time.sleep(window)
+        busy1, idle1 = _cpu_busy_idle()
+        total = (busy1 - busy0) + (idle1 - idle0)
+        frac = (idle1 - idle0) / total if total else 0.0
+        if frac >= min_idle or time.monotonic() >= deadline:
+            return frac
+        busy0, idle0 = busy1, idle1
+
+
 class Component:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> None:
         self.name, self.argv, self.env, self.log = name, argv, env, log
