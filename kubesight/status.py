@@ -8,15 +8,28 @@ the metrics endpoint answer. Exit status 0 when everything is healthy, 1 otherwi
 from __future__ import annotations
 
 import json
+import logging
 import time
 import urllib.request
 from typing import Any
 
 import msgpack
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from .config import Config
 from .process import pid_alive
+
+_RDKAFKA_LOG = logging.getLogger("kubesight.status.rdkafka")
+
+
+class _AtDebug:
+    """Where librdkafka's log lines go (it calls ``log(level, fmt, *args)``): to debug. While
+    the broker is down it logs a refused connection every ~50 ms; status says once, itself,
+    whether the broker answers."""
+
+    def log(self, _level: int, fmt: str, *args: Any) -> None:
+        _RDKAFKA_LOG.debug(fmt, *args)
+
 
 TAIL = 200  # messages read back per partition of health.v1
 STALE_S = 30.0
@@ -51,7 +64,8 @@ def _health_reports(config: Config) -> dict[tuple[str, str, str], list[dict[str,
     """The last two reports of each (component, node, instance)."""
     topic = config.topic("health.v1")
     consumer = Consumer({**config.kafka.librdkafka(), "group.id": "kubesight-status",
-                         "enable.auto.commit": False, "socket.timeout.ms": 3000})
+                         "enable.auto.commit": False, "socket.timeout.ms": 3000,
+                         "logger": _AtDebug()})
     reports: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     try:
         meta = consumer.list_topics(topic, timeout=3)
@@ -98,13 +112,21 @@ def _metrics_ok(config: Config) -> bool | None:
         return False
 
 
+def _kafka_reason(exc: KafkaException) -> str:
+    """What a failed metadata request says, without librdkafka's wrapping."""
+    err = exc.args[0] if exc.args else None
+    text = err.str() if isinstance(err, KafkaError) else str(exc)
+    return text or type(exc).__name__
+
+
 def collect(config: Config) -> dict[str, Any]:
     procs = _processes(config)
+    broker_error = None
     try:
         reports = _health_reports(config)
-        broker_ok = True
-    except KafkaException:
-        reports, broker_ok = {}, False
+    except KafkaException as exc:
+        reports, broker_error = {}, _kafka_reason(exc)
+    broker_ok = broker_error is None
     now = time.time()
     components = []
     for (comp, node, instance), recs in sorted(reports.items()):
@@ -124,6 +146,7 @@ def collect(config: Config) -> dict[str, Any]:
                            "drops": drops(last["counters"]), "counters": last["counters"]})
     healthy = broker_ok and all(c["fresh"] for c in components) and bool(components)
     return {"bootstrap": config.kafka.bootstrap, "broker_reachable": broker_ok,
+            "broker_error": broker_error,
             "processes": procs, "metrics_endpoint_ok": _metrics_ok(config),
             "components": components, "healthy": healthy}
 
@@ -134,14 +157,17 @@ def status(config: Config, *, as_json: bool = False) -> int:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0 if info["healthy"] else 1
     print(f"kafka      {info['bootstrap']}: "
-          f"{'reachable' if info['broker_reachable'] else 'NOT reachable'}")
+          + ("reachable" if info["broker_reachable"]
+             else f"NOT reachable ({info['broker_error']})"))
     for name, pid in info["processes"].items():
         print(f"{name:<10} {'running, pid ' + str(pid) if pid else 'not running here'}")
     ok = info["metrics_endpoint_ok"]
     if ok is not None:
         url = f"http://{config.sinks.prometheus.listen}/metrics"
         print(f"metrics    {url}: {'answering' if ok else 'NOT answering'}")
-    if not info["components"]:
+    if not info["broker_reachable"]:
+        print(f"health     not read: {config.topic('health.v1')} is on the broker")
+    elif not info["components"]:
         print("health     no component has reported on "
               f"{config.topic('health.v1')} yet")
     for c in info["components"]:
