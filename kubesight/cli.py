@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     cfg = sub.add_parser("config", help="print the effective configuration")
     cfg.add_argument("--check", action="store_true", help="only validate; exit 1 on errors")
-    sub.add_parser("topics", help="create kubesight's topics (idempotent)")
+    tp = sub.add_parser("topics", help="create kubesight's topics (idempotent)")
+    tp.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="give up if the cluster has not answered by then (default 30)")
     sub.add_parser("probe", help="run the node probe (needs root)")
     sub.add_parser("worker", help="run one stream worker")
     sub.add_parser("sink", help="run the configured sinks")
@@ -122,9 +124,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return status(config, as_json=args.json)
     if args.command == "topics":
-        from .topics import ensure_topics
+        from .topics import TopicError, ensure_topics
 
-        created = ensure_topics(config)
+        try:
+            created = ensure_topics(config, timeout=args.timeout)
+        except TopicError as exc:
+            print(f"kubesight: {exc}", file=sys.stderr)
+            return 1
         print(f"kubesight: topics ready ({len(created)} created)")
         return 0
     if args.command == "up":

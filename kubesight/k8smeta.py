@@ -43,6 +43,7 @@ from typing import Any
 import msgpack
 
 from .config import Config
+from .logs import RdkafkaLog
 
 log = logging.getLogger("kubesight.meta")
 
@@ -472,7 +473,8 @@ def read_keys(config: Config, timeout: float = 30.0) -> set[str]:
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
     topic = config.topic("k8s.v1")
-    consumer = Consumer({**config.kafka.librdkafka(), "group.id": "kubesight-meta-keys",
+    consumer = Consumer({**config.kafka.librdkafka(), "logger": RdkafkaLog("kubesight.meta.kafka"),
+                         "group.id": "kubesight-meta-keys",
                          "enable.auto.commit": False, "enable.partition.eof": True})
     live: dict[str, bool] = {}
     try:
@@ -517,6 +519,7 @@ class MetaRunner:
         self._stop = threading.Event()
         self._api_client = load_api_client(config.kubernetes.kubeconfig)
         self._producer = Producer({**config.kafka.librdkafka(), "enable.idempotence": True,
+                                   "logger": RdkafkaLog("kubesight.meta.kafka"),
                                    "linger.ms": 50, "compression.type": "lz4"})
         self._topic = config.topic("k8s.v1")
         self._delivery_errors = 0

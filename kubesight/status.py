@@ -17,19 +17,8 @@ import msgpack
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from .config import Config
+from .logs import RdkafkaLog
 from .process import pid_alive
-
-_RDKAFKA_LOG = logging.getLogger("kubesight.status.rdkafka")
-
-
-class _AtDebug:
-    """Where librdkafka's log lines go (it calls ``log(level, fmt, *args)``): to debug. While
-    the broker is down it logs a refused connection every ~50 ms; status says once, itself,
-    whether the broker answers."""
-
-    def log(self, _level: int, fmt: str, *args: Any) -> None:
-        _RDKAFKA_LOG.debug(fmt, *args)
-
 
 TAIL = 200  # messages read back per partition of health.v1
 STALE_S = 30.0
@@ -65,7 +54,9 @@ def _health_reports(config: Config) -> dict[tuple[str, str, str], list[dict[str,
     topic = config.topic("health.v1")
     consumer = Consumer({**config.kafka.librdkafka(), "group.id": "kubesight-status",
                          "enable.auto.commit": False, "socket.timeout.ms": 3000,
-                         "logger": _AtDebug()})
+                         # a refused connection every ~50 ms while the broker is down:
+                         # status says itself, once, whether the broker answers
+                         "logger": RdkafkaLog("kubesight.status.kafka", level=logging.DEBUG)})
     reports: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     try:
         meta = consumer.list_topics(topic, timeout=3)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kubesight.config import Config
+from kubesight.logs import RdkafkaLog
 
 if TYPE_CHECKING:
     from confluent_kafka.admin import AdminClient
@@ -122,8 +123,9 @@ def topic_config(s: TopicSpec) -> dict[str, str]:
 def _admin(config: Config) -> AdminClient:
     from confluent_kafka.admin import AdminClient
 
-    conf: dict[str, str | int | float | bool] = dict(config.kafka.librdkafka())
-    conf.update({"socket.connection.setup.timeout.ms": 2000, "reconnect.backoff.max.ms": 500})
+    conf: dict[str, Any] = dict(config.kafka.librdkafka())
+    conf.update({"socket.connection.setup.timeout.ms": 2000, "reconnect.backoff.max.ms": 500,
+                 "logger": RdkafkaLog("kubesight.topics.kafka")})
     return AdminClient(conf)
 
 
@@ -179,6 +181,7 @@ def ensure_topics(config: Config, timeout: float = 30,
         except KafkaException as exc:
             name, _, text = _err_name(exc)
             last = f"listing topics failed: {name}: {text}"
+            admin.poll(0)  # its log lines (RdkafkaLog) come out when it is polled
             time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
             continue
         for full in [t for t in wanted if t in existing]:

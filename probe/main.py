@@ -20,7 +20,7 @@ import msgpack
 from confluent_kafka import Producer
 
 from kubesight.config import Config
-from kubesight.logs import RepeatFilter
+from kubesight.logs import RdkafkaLog, RepeatFilter
 from kubesight.process import run_component
 
 from . import node
@@ -45,6 +45,7 @@ TLS_REFRESH_S = 2.0  # new processes' TLS libraries are probed within this
 SLOW_TASK_WARN_S = 0.5
 SENDER_NICE_STEP = 5  # librdkafka's threads run this much nicer than the drain thread
 JOIN_TIMEOUT_S = 10.0
+EXIT_FLUSH_S = 30.0  # at exit, for the broker to acknowledge what is still queued
 
 
 class ProbeRunner:
@@ -66,8 +67,9 @@ class ProbeRunner:
             tls=config.probe.tls,
         )
         queue_kbytes, overflow_bytes = split_buffer(config.probe.buffer_mb)
-        self._producer = Producer(producer_config(config.kafka.librdkafka(),
-                                                  buffer_kbytes=queue_kbytes))
+        self._producer = Producer({**producer_config(config.kafka.librdkafka(),
+                                                     buffer_kbytes=queue_kbytes),
+                                   "logger": RdkafkaLog("kubesight.probe.kafka")})
         # raw.v1 batches name their process's container/pod and a service call's backend pod.
         k8s = config.kubernetes
         self._tagger = ConnectionTagger(backends=BackendLookup(
@@ -148,9 +150,13 @@ class ProbeRunner:
             self._tagger.close()
             if self._tcp is not None:
                 self._tcp.close()  # its last intervals, then detach
-            left = self._producer.flush(30)
+            pending = len(self._producer)
+            if pending:
+                log.info("stopping: waiting up to %.0f s for %d Kafka messages to be "
+                         "acknowledged", EXIT_FLUSH_S, pending)
+            left = self._producer.flush(EXIT_FLUSH_S)
             if left:
-                log.error("%d Kafka messages not acknowledged at exit", left)
+                log.error("%d Kafka messages not acknowledged at exit (lost)", left)
 
     def _housekeeping(self) -> None:
         """Exclusions, listeners, TLS libraries and node samples, each on its own timer; a

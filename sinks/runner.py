@@ -28,6 +28,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from kubesight.streams.identity import IdentityTable, K8sFollower
 
 from kubesight.config import Config
+from kubesight.logs import RdkafkaLog
 from kubesight.process import run_component
 
 from .base import HealthRecord, NetworkRecord, NodeRecord, WindowRecord
@@ -75,7 +76,7 @@ class SinkRunner:
         self.counters = collections.Counter[str]()
         self.instance = f"{int(time.time())}-{os.getpid()}"
         self._stop = threading.Event()
-        base = config.kafka.librdkafka()
+        base = {**config.kafka.librdkafka(), "logger": RdkafkaLog("kubesight.sink.kafka")}
         self._consumer = Consumer({
             **base, "group.id": group, "enable.auto.commit": False,
             "auto.offset.reset": "earliest", "fetch.wait.max.ms": 200,
@@ -226,6 +227,8 @@ class SinkRunner:
         except (KafkaException, KeyError) as exc:
             log.debug("lag unavailable: %s", exc)
             return None
+        finally:
+            self._lag_probe.poll(0)  # never consumes: its log lines come out when polled
 
     def _report_own_health(self) -> None:
         counters = dict(self.counters)

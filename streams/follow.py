@@ -15,13 +15,12 @@ from typing import Any
 
 import msgpack
 
-from kubesight.logs import RepeatFilter
+from kubesight.logs import RdkafkaLog
 
 __all__ = ["CompactedFollower"]
 
 log = logging.getLogger(__name__)
-_rdkafka_log = logging.getLogger("kubesight.streams.follower")
-_rdkafka_log.addFilter(RepeatFilter())  # librdkafka retries a lost broker every ~50 ms
+_rdkafka_log = RdkafkaLog("kubesight.streams.follower")  # a lost broker: every ~50 ms
 
 _EARLIEST = -2  # librdkafka's OFFSET_BEGINNING
 

@@ -37,6 +37,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from kubesight.logs import RdkafkaLog
+
 log = logging.getLogger("kubesight.streams.watchdog")
 
 Partition = tuple[str, int]
@@ -227,7 +229,8 @@ class EndOffsets:
     it in a thread."""
 
     def __init__(self, librdkafka: Mapping[str, Any], group: str) -> None:
-        self._conf = {**librdkafka, "group.id": group, "enable.auto.commit": False}
+        self._conf = {**librdkafka, "group.id": group, "enable.auto.commit": False,
+                      "logger": RdkafkaLog("kubesight.streams.watchdog.kafka")}
         self._consumer: Any = None
 
     def fetch(self, partitions: list[Partition], timeout: float = 5.0
@@ -244,6 +247,8 @@ class EndOffsets:
                 out[(topic, part)] = high
         except KafkaException:
             return None
+        finally:
+            self._consumer.poll(0)  # never consumes: its log lines come out when polled
         return out
 
     def close(self) -> None:

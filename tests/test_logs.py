@@ -7,7 +7,8 @@ import logging
 
 import pytest
 
-from kubesight.logs import RepeatFilter, quiet_repeats
+from kubesight.logs import RdkafkaLog, RepeatFilter, quiet_repeats
+from tests.conftest import free_ports
 
 
 def record(name: str, msg: str, *args: object) -> logging.LogRecord:
@@ -54,3 +55,51 @@ def test_quiet_repeats_filters_every_existing_logger_under_a_prefix(
     finally:
         for name in ("ks_test_lib", "ks_test_lib.a", "ks_test_lib.a.b"):
             logging.getLogger(name).removeFilter(flt)
+
+
+class _Counting:
+    """A client's logger that only counts: what librdkafka hands over unfiltered."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log(self, _level: int, fmt: str, *args: object) -> None:
+        self.lines.append(fmt % args)
+
+
+def test_a_real_client_with_no_broker_logs_once_per_message_not_per_retry(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Two real producers polled alike against a port nothing listens on: librdkafka hands
+    the unfiltered one a refused connection per retry; through RdkafkaLog the same retries are
+    one line (every_s is longer than the test)."""
+    from confluent_kafka import Producer
+
+    port = free_ports(1)[0]
+    conf = {"bootstrap.servers": f"127.0.0.1:{port}", "reconnect.backoff.ms": 10,
+            "reconnect.backoff.max.ms": 50}
+    raw = _Counting()
+    quiet = RdkafkaLog("ks_test_rdkafka", every_s=3600)
+    plain, filtered = Producer({**conf, "logger": raw}), Producer({**conf, "logger": quiet})
+    with caplog.at_level(logging.INFO, logger="ks_test_rdkafka"):
+        for _ in range(200):  # bounded: at most 200 x 2 x 20 ms
+            plain.poll(0.02)
+            filtered.poll(0.02)
+            if sum("Connection refused" in line for line in raw.lines) >= 5:
+                break
+    refused = [r for r in caplog.records if "Connection refused" in r.getMessage()]
+    assert sum("Connection refused" in line for line in raw.lines) >= 5, raw.lines
+    assert len(refused) == 1, [r.getMessage() for r in refused]
+    assert refused[0].levelno == logging.ERROR and "[rdkafka#producer-" in refused[0].getMessage()
+
+
+def test_rdkafka_lines_that_differ_beyond_numbers_pass_and_a_level_can_be_imposed(
+        caplog: pytest.LogCaptureFixture) -> None:
+    out = RdkafkaLog("ks_test_rdkafka_b", every_s=3600, level=logging.DEBUG)
+    with caplog.at_level(logging.DEBUG, logger="ks_test_rdkafka_b"):
+        out.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", "refused (after 0ms)")
+        out.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", "refused (after 3ms)")
+        out.log(logging.ERROR, "%s [%s] %s", "FAIL", "rdkafka#consumer-1", "100% of 5 timed out")
+    assert [r.getMessage() for r in caplog.records] == [
+        "FAIL [rdkafka#consumer-1] refused (after 0ms)",
+        "FAIL [rdkafka#consumer-1] 100% of 5 timed out"]
+    assert {r.levelno for r in caplog.records} == {logging.DEBUG}

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
@@ -84,3 +88,19 @@ def test_ensure_topics_times_out_naming_the_topics() -> None:
     config = Config(kafka=KafkaConfig(bootstrap_servers="127.0.0.1:1", topic_prefix="nowhere."))
     with pytest.raises(TopicError, match=r"nowhere\.raw\.v1.*within 2s"):
         ensure_topics(config, timeout=2)
+
+
+def test_the_topics_command_with_no_broker_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    """`kubesight topics` against a port nothing listens on: exit 1 and the names of the topics
+    it could not create, within --timeout; no traceback, and librdkafka's refused connections
+    (one per ~50 ms, 564 lines in the 30 s of the default timeout before) come out once."""
+    env = {**os.environ, "KUBESIGHT_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1",
+           "KUBESIGHT_KAFKA__TOPIC_PREFIX": "nowhere.", "KUBESIGHT_STATE_DIR": str(tmp_path)}
+    env.pop("KUBESIGHT_CONFIG", None)
+    out = subprocess.run([sys.executable, "-m", "kubesight.cli", "topics", "--timeout", "3"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "kubesight: could not create Kafka topic(s)" in out.stderr
+    assert "nowhere.raw.v1" in out.stderr and "within 3s" in out.stderr
+    assert out.stderr.count("Connection refused") <= 1, out.stderr

@@ -85,6 +85,9 @@ class Producer:
     def flush(self, _: float) -> int:
         return 0
 
+    def __len__(self) -> int:
+        return 0
+
 
 class Tagger:
     backends = None
