@@ -63,6 +63,14 @@ class Gone(Exception):
     """The resourceVersion a watch asked for has been compacted away (HTTP 410)."""
 
 
+class Refused(Exception):
+    """The API server will not let this account read a collection (HTTP 401 or 403)."""
+
+    def __init__(self, path: str, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.path, self.status, self.message = path, status, message
+
+
 # -- compact records ------------------------------------------------------------------------------
 def _meta(obj: dict[str, Any]) -> dict[str, Any]:
     meta: dict[str, Any] = obj.get("metadata") or {}
@@ -268,9 +276,16 @@ class _API:
             header_params={"Accept": "application/json"}, auth_settings=["BearerToken"])
         resp = self.client.call_api(*req, _request_timeout=timeout)
         if not 200 <= resp.status <= 299:
-            resp.read()
+            data = resp.read()
             if resp.status == 410:
                 raise Gone(path)
+            if resp.status in (401, 403):
+                try:
+                    message = str(json.loads(data).get("message", ""))
+                except (ValueError, AttributeError):
+                    message = ""
+                raise Refused(path, resp.status, message or (data or b"")[:300].decode(
+                    "utf-8", "replace"))
             raise ApiException.from_response(http_resp=resp, body=None, data=None)
         return resp.response
 
@@ -374,6 +389,14 @@ class MetadataWatcher:
                 log.info("%s: resourceVersion %s is gone; listing again", res.name, version)
                 self.count(f"{res.name}_resyncs")
                 version = ""
+            except Refused as exc:  # not a passing fault: say what the account lacks
+                self.count(f"{res.name}_errors")
+                log.error("%s: the API server refuses to let this account list and watch %s "
+                          "(%s); it needs the verbs list and watch on them, as the "
+                          "ClusterRole in deploy/kubernetes/meta.yaml grants; retrying in "
+                          "%.1fs", res.name, res.path, exc, backoff)
+                self._stop.wait(backoff * random.uniform(0.8, 1.2))
+                backoff = min(BACKOFF_MAX_S, backoff * 2)
             except Exception as exc:  # noqa: BLE001 - connection errors, 5xx, bad JSON: retry
                 self.count(f"{res.name}_errors")
                 log.warning("%s: %s: %s; retrying in %.1fs", res.name, type(exc).__name__,

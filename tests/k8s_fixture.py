@@ -6,8 +6,10 @@ chosen free at start, with their data, keys and logs in a temporary directory:
 
 - etcd: a single member, its own data dir;
 - kube-apiserver: TLS with a CA made here (so clients verify the server), an admin bearer token
-  from a static token file, ``AlwaysAllow`` authorization, a generated service-account signing
-  key, services from ``10.96.0.0/16``.
+  from a static token file (group ``system:masters``), RBAC authorization as in a real cluster
+  (so a service account may do what its roles grant and nothing more), a generated
+  service-account signing key (tokens come from the TokenRequest API), services from
+  ``10.96.0.0/16``.
 
 There is no kubelet, controller manager or scheduler: tests create what those would (ReplicaSets
 owned by Deployments, pods with their status set through the status subresource, the
@@ -122,7 +124,7 @@ class KubeAPIServer:
             "--tls-cert-file", str(self.dir / "apiserver.crt"),
             "--tls-private-key-file", str(self.dir / "apiserver.key"),
             "--token-auth-file", str(self.dir / "tokens.csv"),
-            "--authorization-mode", "AlwaysAllow",
+            "--authorization-mode", "RBAC",
             "--service-account-issuer", "https://kubernetes.default.svc",
             "--service-account-key-file", str(self.dir / "sa.key"),
             "--service-account-signing-key-file", str(self.dir / "sa.key"),
@@ -203,6 +205,13 @@ class KubeAPIServer:
             return False
 
     # -- clients ----------------------------------------------------------------------------
+    def kubeconfig_for(self, token: str, path: Path) -> Path:
+        """A kubeconfig for another identity (a service account's token) on this server."""
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        config["users"] = [{"name": "admin", "user": {"token": token}}]
+        path.write_text(yaml.safe_dump(config))
+        return path
+
     def api_client(self) -> Any:
         """A ``kubernetes.client.ApiClient`` for the admin user (verifies the server's cert)."""
         from kubernetes import config as kube_config
@@ -231,6 +240,34 @@ class Kube:
         return json.loads(data) if data else None
 
     # -- objects ----------------------------------------------------------------------------
+    COLLECTIONS = {  # kind → its collection (namespaced ones with {ns})
+        "ServiceAccount": "/api/v1/namespaces/{ns}/serviceaccounts",
+        "ClusterRole": "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+        "ClusterRoleBinding": "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+    }
+
+    def apply(self, obj: dict[str, Any]) -> None:
+        """Create ``obj`` (a manifest's document), or replace the one of that name."""
+        meta = obj["metadata"]
+        coll = self.COLLECTIONS[obj["kind"]].format(ns=meta.get("namespace", ""))
+        try:
+            self.request("POST", coll, obj)
+        except RuntimeError as exc:
+            if "HTTP 409" not in str(exc):
+                raise
+            current = self.request("GET", f"{coll}/{meta['name']}")
+            body = {**obj, "metadata": {**meta, "resourceVersion":
+                                        current["metadata"]["resourceVersion"]}}
+            self.request("PUT", f"{coll}/{meta['name']}", body)
+
+    def token(self, ns: str, service_account: str, seconds: int = 3600) -> str:
+        """A token for a service account, from the TokenRequest API (as a kubelet gets one)."""
+        resp = self.request("POST", f"/api/v1/namespaces/{ns}/serviceaccounts/"
+                            f"{service_account}/token",
+                            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+                             "spec": {"expirationSeconds": seconds}})
+        return str(resp["status"]["token"])
+
     def namespace(self, name: str) -> None:
         """A namespace and its ``default`` service account (the controller manager's job;
         the ServiceAccount admission plugin refuses pods without it)."""

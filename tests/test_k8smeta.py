@@ -133,11 +133,13 @@ def test_a_cluster_is_configured_by_kubeconfig_or_service_account(
 class MetaProcess:
     """``kubesight meta`` as its own process, on its own topic prefix."""
 
-    def __init__(self, kafka_bootstrap: str, api: KubeAPIServer, workdir: Path) -> None:
+    def __init__(self, kafka_bootstrap: str, api: KubeAPIServer, workdir: Path,
+                 kubeconfig: Path | None = None) -> None:
         tree = {"node_name": "meta-test", "state_dir": str(workdir / "state"),
                 "kafka": {"bootstrap_servers": kafka_bootstrap, "partitions": 2,
                           "topic_prefix": f"ksm{uuid.uuid4().hex[:8]}."},
-                "kubernetes": {"kubeconfig": str(api.kubeconfig), "watch_timeout_s": 30}}
+                "kubernetes": {"kubeconfig": str(kubeconfig or api.kubeconfig),
+                               "watch_timeout_s": 30}}
         path = workdir / "kubesight.yaml"
         path.write_text(yaml.safe_dump(tree))
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBESIGHT_")}
@@ -265,3 +267,88 @@ def test_watcher_survives_an_api_server_restart_and_its_own(
     meta.start()
     meta.wait_record(f"pod/{ns}/before", lambda r: r is None)
     assert read_latest(meta.config)[f"pod/{ns}/after"]["ips"] == ["10.244.8.2"]
+
+
+# -- the shipped RBAC, on an API server that enforces it -----------------------------------------
+META_YAML = Path(__file__).resolve().parents[1] / "deploy" / "kubernetes" / "meta.yaml"
+
+
+def _account(kube: Kube, api: KubeAPIServer, docs: list[dict[str, Any]], workdir: Path
+             ) -> tuple[Kube, Path]:
+    """Apply a manifest's ServiceAccount, ClusterRole and binding; a client and a kubeconfig
+    with that account's token."""
+    from kubernetes import config as kube_config
+
+    try:
+        kube.namespace("kubesight")
+    except RuntimeError as exc:
+        if "HTTP 409" not in str(exc):
+            raise
+    for doc in docs:
+        kube.apply(doc)
+    [sa] = [d for d in docs if d["kind"] == "ServiceAccount"]
+    path = api.kubeconfig_for(kube.token("kubesight", sa["metadata"]["name"]),
+                              workdir / "sa-kubeconfig")
+    return Kube(kube_config.new_client_from_config(config_file=str(path))), path
+
+
+def _rbac_docs() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(META_YAML.read_text())
+            if d and d["kind"] in Kube.COLLECTIONS]
+
+
+@pytest.mark.kafka
+def test_the_shipped_role_is_all_the_watcher_needs(
+        kube_apiserver: KubeAPIServer, kube: Kube, kafka_bootstrap: str, tmp_path: Path,
+        namespace: str) -> None:
+    """deploy/kubernetes/meta.yaml's ServiceAccount, ClusterRole and binding on an API server
+    with RBAC on: `kubesight meta` with that account's token lists every kind and follows a
+    new pod; the same account is refused what the role does not grant (so RBAC is enforced
+    here, and the role is not wider than it says)."""
+    account, kubeconfig = _account(kube, kube_apiserver, _rbac_docs(), tmp_path)
+    for path in ("/api/v1/secrets", "/api/v1/configmaps",
+                 f"/api/v1/namespaces/{namespace}/pods/any"):  # a get, not a list
+        with pytest.raises(RuntimeError, match="HTTP 403"):
+            account.request("GET", path)
+    with pytest.raises(RuntimeError, match="HTTP 403"):
+        account.request("POST", f"/api/v1/namespaces/{namespace}/services", {
+            "metadata": {"name": "x"}, "spec": {"ports": [{"port": 1}]}})
+    meta = MetaProcess(kafka_bootstrap, kube_apiserver, tmp_path, kubeconfig=kubeconfig)
+    meta.start()  # "synced: every kind listed"
+    try:
+        kube.pod(namespace, "rbac-web", labels={"app": "x"}, node="n", ip="10.244.9.1")
+        meta.wait_record(f"pod/{namespace}/rbac-web",
+                         lambda r: isinstance(r, dict) and r["ips"] == ["10.244.9.1"])
+        assert "refuses" not in meta.component.log_text()
+    finally:
+        meta.component.stop()
+
+
+@pytest.mark.kafka
+def test_a_kind_the_role_leaves_out_is_named_in_the_log(
+        kube_apiserver: KubeAPIServer, kube: Kube, kafka_bootstrap: str,
+        tmp_path: Path) -> None:
+    """The same role without EndpointSlices, for an account of its own: the watcher keeps
+    following the rest and says, as an error, which collection it may not read and why."""
+    docs = []
+    for doc in _rbac_docs():
+        doc = yaml.safe_load(yaml.safe_dump(doc))  # a copy
+        doc["metadata"]["name"] = "kubesight-meta-partial"
+        if doc["kind"] == "ClusterRole":
+            doc["rules"] = [r for r in doc["rules"] if "endpointslices" not in r["resources"]]
+        if doc["kind"] == "ClusterRoleBinding":
+            doc["roleRef"]["name"] = "kubesight-meta-partial"
+            doc["subjects"][0]["name"] = "kubesight-meta-partial"
+        docs.append(doc)
+    _, kubeconfig = _account(kube, kube_apiserver, docs, tmp_path)
+    meta = MetaProcess(kafka_bootstrap, kube_apiserver, tmp_path, kubeconfig=kubeconfig)
+    meta.component.start()
+    try:
+        wait_for("the refusal in the log", lambda: meta._alive_and(  # noqa: SLF001
+            "endpointslices: the API server refuses to let this account list and watch "
+            "/apis/discovery.k8s.io/v1/endpointslices (HTTP 403"), timeout=60)
+        wait_for("pods listed all the same", lambda: meta._alive_and(  # noqa: SLF001
+            "pods: listed"), timeout=60)
+        assert "synced: every kind listed" not in meta.component.log_text()
+    finally:
+        meta.component.stop()
