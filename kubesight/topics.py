@@ -8,8 +8,9 @@ prefix: ``config.topic("raw.v1") == "kubesight.raw.v1"``. Each topic's record sc
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from kubesight.config import Config
@@ -252,6 +253,40 @@ def _wait_leaders(admin: AdminClient, names: list[str], deadline: float,
             raise TopicError(f"Kafka topics were created but are not ready after {timeout:.0f}s: "
                              f"{pending}")
         time.sleep(0.1)
+
+
+WAIT_LOG_S = 30.0  # how often wait_for_cluster says it is still waiting
+
+
+def wait_for_cluster(config: Config, stopped: Callable[[], bool], interval: float = 2.0,
+                     sleep: Callable[[float], object] = time.sleep) -> bool:
+    """Block until the cluster answers a metadata request (True), or ``stopped()`` (False).
+    Says what it waits for and why at once, then every WAIT_LOG_S: a component started
+    before its broker (a pod scheduled before Kafka's) waits rather than crash-looping."""
+    from confluent_kafka import KafkaException
+
+    log = logging.getLogger("kubesight.topics")
+    admin = _admin(config)
+    start = time.monotonic()
+    said = -WAIT_LOG_S
+    while not stopped():
+        try:
+            admin.list_topics(timeout=min(interval, 1.0))  # a signal waits for it
+        except KafkaException as exc:
+            waited = time.monotonic() - start
+            if waited - said >= WAIT_LOG_S:
+                name, _, text = _err_name(exc)
+                log.warning("waiting for Kafka at %s (%s: %s)%s", config.kafka.bootstrap,
+                            name, text, f"; {waited:.0f}s so far" if waited >= 1 else "")
+                said = waited
+            admin.poll(0)
+            sleep(min(interval, 0.5))
+            continue
+        if time.monotonic() - start >= 1:
+            log.info("Kafka at %s answers after %.0fs", config.kafka.bootstrap,
+                     time.monotonic() - start)
+        return True
+    return False
 
 
 def describe(config: Config, timeout: float = 10) -> dict[str, int]:

@@ -125,6 +125,24 @@ network_table = app.Table(
 )
 
 
+def _broker_answers() -> bool:
+    """Wait for the broker before Faust starts (Faust gives up at once on a broker it cannot
+    reach, with a traceback); False if SIGTERM or SIGINT came first."""
+    import signal
+    import threading
+
+    from kubesight.topics import wait_for_cluster
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return wait_for_cluster(config, stop.is_set, sleep=stop.wait)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main() -> None:
     """Run one stream worker (``kubesight worker``)."""
     from faust.worker import Worker
@@ -136,6 +154,8 @@ def main() -> None:
     import faust.transport.drivers.aiokafka  # noqa: F401
 
     quiet_repeats("aiokafka")  # one line per error per 10 s while a broker is away
+    if not _broker_answers():
+        return  # stopped while waiting: nothing started, nothing to clean up
 
     try:
         Worker(app, loglevel=config.log_level.upper(), quiet=True).execute_from_commandline()
