@@ -146,9 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     _name_process(args.command)
     _renice(config.probe.nice if args.command == "probe" else config.streams.nice)
     if args.command == "probe":
+        from .probe.libbpf import ProbeError
         from .probe.main import run as run_probe
 
-        run_probe(config)
+        try:
+            run_probe(config)
+        except ProbeError as exc:  # its text is whole: a verifier's log, what is missing
+            print(f"kubesight probe: {exc}", file=sys.stderr)
+            return 1
+        except PermissionError as exc:
+            print(f"kubesight probe: {exc.strerror}: {exc.filename}. The probe runs as root, "
+                  "or with the capabilities of deploy/kubernetes/probe-daemonset.yaml",
+                  file=sys.stderr)
+            return 1
     elif args.command == "sink":
         from .sinks.runner import run as run_sink
 

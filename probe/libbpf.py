@@ -277,7 +277,10 @@ class BpfObject:
         try:
             obj = _check_ptr(_open_file(os.fsencode(path), None), f"open {path}")
         except OSError as exc:
-            raise ProbeLoadError(f"open {path}: {exc.strerror}") from exc
+            hint = (" (the BPF objects are built by `make bpf`; KUBESIGHT_BPF_DIR says where "
+                    "they are)" if exc.errno == errno.ENOENT else "")
+            raise ProbeLoadError(f"open {path}: {os.strerror(exc.errno or errno.EINVAL)}"
+                                 f"{hint}") from exc
         return cls(path, obj)
 
     # --- configure (before load) -----------------------------------------------------------
