@@ -148,12 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "probe":
         from .probe.libbpf import ProbeError
         from .probe.main import run as run_probe
+        from .process import AlreadyRunning
 
         try:
             run_probe(config)
         except ProbeError as exc:  # its text is whole: a verifier's log, what is missing
             print(f"kubesight probe: {exc}", file=sys.stderr)
             return 1
+        except AlreadyRunning as exc:
+            print(f"kubesight probe: {exc}", file=sys.stderr)
+            return 2
         except PermissionError as exc:
             print(f"kubesight probe: {exc.strerror}: {exc.filename}. The probe runs as root, "
                   "or with the capabilities of deploy/kubernetes/probe-daemonset.yaml",

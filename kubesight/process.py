@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -10,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from .config import Config
 
@@ -46,6 +47,30 @@ def own_command() -> list[str]:
     return [sys.executable, "-m", "kubesight.cli"]
 
 
+def take_lock(path: Path) -> IO[str] | None:
+    """An exclusive lock on ``path`` (created if missing), held while the returned file stays
+    open and released by the kernel however this process ends; None if another process holds
+    it. For "only one of these per state directory": a pid file alone can name a dead
+    process, or a live one that reused its number."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")  # noqa: SIM115 - held open for the life of the process
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        return None
+    return f
+
+
+def pid_in(path: Path) -> int | None:
+    """The pid a pid file names, if it names a live process."""
+    try:
+        pid = int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -73,12 +98,26 @@ def stop_on_signals(stop: Callable[[], object]) -> threading.Thread:
     return thread
 
 
+class AlreadyRunning(RuntimeError):
+    """Another process holds this state directory's lock for the same component."""
+
+
+# Components of which one per state directory (one per node) is all there should be, and why.
+SINGLE = {"probe": "see every request twice"}
+
+
 def run_component(name: str, config: Config, make: Callable[[Config], Runner]) -> None:
     """Run a component until SIGTERM/SIGINT, with ``<state>/run/<name>.pid`` meanwhile (the
     probe reads these files to keep kubesight's own traffic out of the capture)."""
+    pidfile = config.state_path / "run" / f"{name}.pid"
+    lock = take_lock(pidfile.with_suffix(".lock")) if name in SINGLE else None
+    if name in SINGLE and lock is None:
+        holder = pid_in(pidfile)
+        raise AlreadyRunning(
+            f"a {name} is already running with state directory {config.state_path}"
+            + (f" (pid {holder})" if holder else "") + f": two would {SINGLE[name]}")
     runner = make(config)
     stop_on_signals(runner.stop)
-    pidfile = config.state_path / "run" / f"{name}.pid"
     pidfile.parent.mkdir(parents=True, exist_ok=True)
     pidfile.write_text(f"{os.getpid()}\n")
     try:

@@ -14,13 +14,14 @@ import dataclasses
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
 from .config import Config
-from .process import own_command, stop_on_signals
+from .process import own_command, pid_in, stop_on_signals, take_lock
 
 if TYPE_CHECKING:
     from .broker import LocalBroker
@@ -75,6 +76,7 @@ class Supervisor:
         self.state = config.state_path
         self._stop = threading.Event()
         self.broker: LocalBroker | None = None
+        self._lock: IO[str] | None = None  # run/supervisor.lock, held while running
         env = dict(os.environ)
         if config_path:
             env["KUBESIGHT_CONFIG"] = str(Path(config_path).resolve())
@@ -106,7 +108,16 @@ class Supervisor:
         from .topics import ensure_topics
 
         run_dir = self.state / "run"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = take_lock(run_dir / "supervisor.lock")
+        if self._lock is None:
+            holder = pid_in(run_dir / "supervisor.pid")
+            print(f"kubesight: `kubesight up` is already running with state directory "
+                  f"{self.state}{f' (pid {holder})' if holder else ''}. `kubesight status` "
+                  "shows it; Ctrl-C in its terminal"
+                  f"{f' or kill -INT {holder}' if holder else ''} stops it. Another one "
+                  "needs a state directory (KUBESIGHT_STATE_DIR) and ports of its own.",
+                  file=sys.stderr)
+            return 2
         (run_dir / "supervisor.pid").write_text(f"{os.getpid()}\n")
         stop_on_signals(self.request_stop)
         try:

@@ -129,15 +129,16 @@ def _broker_answers() -> bool:
     """Wait for the broker before Faust starts (Faust gives up at once on a broker it cannot
     reach, with a traceback); False if SIGTERM or SIGINT came first."""
     import signal
-    import threading
 
     from kubesight.topics import wait_for_cluster
 
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+    # A flag, not a threading.Event: a handler that takes the Event's lock while the main
+    # thread holds it in Event.wait waits for itself (kubesight.process.stop_on_signals).
+    stopped: list[bool] = []
+    previous = {sig: signal.signal(sig, lambda *_: stopped.append(True))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return wait_for_cluster(config, stop.is_set, sleep=stop.wait)
+        return wait_for_cluster(config, lambda: bool(stopped))
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

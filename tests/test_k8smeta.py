@@ -314,8 +314,8 @@ def test_the_shipped_role_is_all_the_watcher_needs(
         account.request("POST", f"/api/v1/namespaces/{namespace}/services", {
             "metadata": {"name": "x"}, "spec": {"ports": [{"port": 1}]}})
     meta = MetaProcess(kafka_bootstrap, kube_apiserver, tmp_path, kubeconfig=kubeconfig)
-    meta.start()  # "synced: every kind listed"
     try:
+        meta.start()  # "synced: every kind listed"
         kube.pod(namespace, "rbac-web", labels={"app": "x"}, node="n", ip="10.244.9.1")
         meta.wait_record(f"pod/{namespace}/rbac-web",
                          lambda r: isinstance(r, dict) and r["ips"] == ["10.244.9.1"])

@@ -57,6 +57,23 @@ def test_up_status_and_ctrl_c(tmp_path: Path) -> None:
         wait_for("`kubesight status` to report every component healthy", status_ok,
                  timeout=120, interval=2)
 
+        # A second `up` on the same state directory would share the broker, run a second
+        # probe (every request seen twice) and, when stopped, stop the first one's broker
+        # (it did). It, and a second probe, refuse and say who is running.
+        supervisor = int((tmp_path / "state" / "run" / "supervisor.pid").read_text())
+        second = subprocess.run([*cli, "up"], env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 2, second
+        assert (f"`kubesight up` is already running with state directory {tmp_path / 'state'} "
+                f"(pid {supervisor})") in second.stderr, second.stderr
+        probe_pid = int((tmp_path / "state" / "run" / "probe.pid").read_text())
+        probe = subprocess.run([*cli, "probe"], env=env, capture_output=True, text=True,
+                               timeout=120)
+        assert probe.returncode == 2, probe
+        assert (f"kubesight probe: a probe is already running with state directory "
+                f"{tmp_path / 'state'} (pid {probe_pid})") in probe.stderr, probe.stderr
+        assert status_ok() and "kafka      stopped" not in log.read_text()
+
         def metrics() -> str:
             url = f"http://127.0.0.1:{prom}/metrics"
             with urllib.request.urlopen(url, timeout=5) as resp:
