@@ -140,7 +140,14 @@ def main(argv: list[str] | None = None) -> int:
             print("kubesight: the probe loads BPF programs and needs root; run with sudo, "
                   "or use --no-probe to run only the pipeline", file=sys.stderr)
             return 2
-        return Supervisor(config, args.config, with_probe=not args.no_probe).run()
+        from .broker import BrokerError
+        from .topics import TopicError
+
+        try:
+            return Supervisor(config, args.config, with_probe=not args.no_probe).run()
+        except (BrokerError, TopicError) as exc:  # said whole: the port's holder, the log
+            print(f"kubesight: {exc}", file=sys.stderr)
+            return 1
 
     _setup_logging(config)
     _name_process(args.command)

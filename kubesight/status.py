@@ -120,11 +120,18 @@ def collect(config: Config) -> dict[str, Any]:
     broker_ok = broker_error is None
     now = time.time()
     components = []
+    # The newest report of each component on each node: an instance that stopped reporting
+    # while a newer one reports (a restarted process) was replaced, not lost.
+    newest: dict[tuple[str, str], float] = {}
+    for (comp, node, _instance), recs in reports.items():
+        newest[comp, node] = max(newest.get((comp, node), 0.0), float(recs[-1]["ts"]))
     for (comp, node, instance), recs in sorted(reports.items()):
         last = recs[-1]
         age = now - float(last["ts"])
         if age > 10 * STALE_S:  # an old instance: long gone
             continue
+        if age >= STALE_S and now - newest[comp, node] < STALE_S:
+            continue  # replaced by a fresh instance of the same component on the same node
         rates: dict[str, float] = {}
         if len(recs) == 2:
             dt = float(last["ts"]) - float(recs[0]["ts"])

@@ -77,6 +77,8 @@ class Supervisor:
         self._stop = threading.Event()
         self.broker: LocalBroker | None = None
         self._lock: IO[str] | None = None  # run/supervisor.lock, held while running
+        self._broker_restarts: list[float] = []
+        self._broker_given_up = False
         env = dict(os.environ)
         if config_path:
             env["KUBESIGHT_CONFIG"] = str(Path(config_path).resolve())
@@ -151,8 +153,32 @@ class Supervisor:
             (run_dir / "supervisor.pid").unlink(missing_ok=True)
         return 0
 
+    def _watch_broker(self) -> None:
+        """The local broker is restarted like any component (the others buffer meanwhile)."""
+        from .broker import BrokerError
+
+        broker = self.broker
+        if broker is None or self._broker_given_up or broker.is_running():
+            return
+        now = time.monotonic()
+        self._broker_restarts = [t for t in self._broker_restarts if now - t < RESTART_WINDOW_S]
+        if len(self._broker_restarts) >= RESTART_LIMIT:
+            self._broker_given_up = True
+            say(f"kafka exited {len(self._broker_restarts)} times within "
+                f"{RESTART_WINDOW_S:.0f}s; leaving it down. See {broker.log_path}")
+            return
+        self._broker_restarts.append(now)
+        say(f"kafka exited; restarting (see {broker.log_path})")
+        try:
+            broker.start()
+        except BrokerError as exc:
+            say(f"kafka did not come back: {exc}")
+            return
+        say(f"kafka      up    {broker.bootstrap} (pid {broker.pid})")
+
     def _watch(self) -> None:
         while not self._stop.wait(1.0):
+            self._watch_broker()
             for comp in self.components:
                 if comp.given_up or comp.proc is None or comp.proc.poll() is None:
                     continue
@@ -171,9 +197,11 @@ class Supervisor:
     def _shutdown(self) -> None:
         say("stopping ...")
         for comp in reversed(self.components):  # probe first: let its data drain
+            if comp.proc is None:
+                continue  # never started (startup failed before it)
             comp.stop()
             say(f"{comp.name:<10} stopped")
         (self.state / "run" / "worker.pid").unlink(missing_ok=True)
-        if self.broker is not None:
+        if self.broker is not None and self.broker.is_running():
             self.broker.stop()
             say("kafka      stopped")

@@ -145,6 +145,32 @@ def test_port_in_use_is_named(local_broker_factory: Callable[..., LocalBroker]) 
         assert not broker.is_running()
 
 
+@needs_jars
+def test_up_on_a_taken_port_says_who_has_it_and_starts_nothing(tmp_path: Path) -> None:
+    """`kubesight up` as an operator meets it: one message naming the port and its holder,
+    exit 1, no traceback, and no "stopped" for components that never started."""
+    import subprocess
+    import sys
+
+    from tests.conftest import free_ports
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KUBESIGHT_")}
+        env.update({"KUBESIGHT_STATE_DIR": str(tmp_path / "state"),
+                    "KUBESIGHT_KAFKA__LOCAL__PORT": str(port),
+                    "KUBESIGHT_KAFKA__LOCAL__CONTROLLER_PORT": str(free_ports(1)[0])})
+        out = subprocess.run([sys.executable, "-m", "kubesight.cli", "up", "--no-probe"],
+                             env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out
+    assert "Traceback" not in out.stderr, out.stderr
+    assert f"port {port} on 127.0.0.1 (kafka.local.port) is already in use by pid " \
+        f"{os.getpid()}" in out.stderr, out.stderr
+    assert "stopped" not in out.stdout, out.stdout
+
+
 @pytest.mark.kafka
 @needs_jars
 def test_startup_failure_reports_the_log(local_broker_factory: Callable[..., LocalBroker]) -> None:

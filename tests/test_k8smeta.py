@@ -180,8 +180,8 @@ class MetaProcess:
 def meta(kube_apiserver: KubeAPIServer, kafka_bootstrap: str, tmp_path: Path
          ) -> Iterator[MetaProcess]:
     proc = MetaProcess(kafka_bootstrap, kube_apiserver, tmp_path)
-    proc.start()
     try:
+        proc.start()
         yield proc
     finally:
         proc.component.stop()

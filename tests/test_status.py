@@ -5,8 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
+from kubesight import status
+from kubesight.config import Config
 from kubesight.status import drops
 from tests.conftest import free_ports
 
@@ -38,3 +43,31 @@ def test_a_broker_that_is_down_is_one_clear_line_not_a_flood(tmp_path: Path) -> 
     assert "probe      not running here" in lines
     assert f"metrics    http://127.0.0.1:{metrics}/metrics: NOT answering" in lines
     assert "rdkafka" not in out.stderr and len(out.stderr.splitlines()) <= 2, out.stderr
+
+
+def _report(comp: str, node: str, instance: str, age_s: float) -> dict[str, object]:
+    return {"component": comp, "node": node, "instance": instance,
+            "ts": time.time() - age_s, "counters": {}}
+
+
+def test_a_restarted_component_is_its_new_instance_not_a_stale_old_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed and restarted on the same node leaves its old instance's last report
+    behind: status counts the new one (it said unhealthy for 5 minutes before). An instance
+    gone with no successor on its node, or on another node, stays a stale one."""
+    reports = {}
+    for comp, node, instance, age in (("probe", "n1", "p", 1), ("worker", "n1", "old", 100),
+                                      ("worker", "n1", "new", 2)):
+        reports[comp, node, instance] = [_report(comp, node, instance, age)]
+    monkeypatch.setattr(status, "_health_reports", lambda _config: reports)
+    monkeypatch.setattr(status, "_metrics_ok", lambda _config: True)
+    info = status.collect(Config())
+    assert [(c["component"], c["instance"]) for c in info["components"]] == [
+        ("probe", "p"), ("worker", "new")]
+    assert info["healthy"]
+
+    reports["worker", "n2", "gone"] = [_report("worker", "n2", "gone", 100)]
+    info = status.collect(Config())
+    assert ("worker", "gone", False) in [(c["component"], c["instance"], c["fresh"])
+                                         for c in info["components"]]
+    assert not info["healthy"]

@@ -3,12 +3,15 @@ every component healthy, a request shows up in the metrics, and Ctrl-C stops it 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,8 +111,44 @@ def test_up_status_and_ctrl_c(tmp_path: Path) -> None:
                  and int((run / "worker.pid").read_text()) != first_worker, timeout=60)
         wait_for("the probe to report the restarted worker excluded as it started",
                  lambda: excluded_at_start() > before, timeout=60, interval=1)
-        wait_for("`kubesight status` to report every component healthy again", status_ok,
-                 timeout=120, interval=2)
+        new_worker = int((run / "worker.pid").read_text())
+
+        def status_json() -> dict[str, Any]:
+            res = subprocess.run([*cli, "status", "--json"], env=env, capture_output=True,
+                                 text=True, timeout=60)
+            info: dict[str, Any] = json.loads(res.stdout)
+            info["rc"] = res.returncode
+            return info
+
+        def new_worker_reports() -> bool:
+            info = status_json()
+            return info["rc"] == 0 and any(
+                c["component"] == "worker" and c["instance"].endswith(f"-{new_worker}")
+                and c["fresh"] for c in info["components"])
+
+        wait_for("`kubesight status` to report every component healthy again, the worker "
+                 "by its new instance", new_worker_reports, timeout=120, interval=2)
+
+        # The local broker is supervised too: killed, it is restarted, and the components
+        # (which buffered meanwhile) are healthy again.
+        broker_pid = int((tmp_path / "state" / "kafka" / "broker.pid").read_text())
+        os.kill(broker_pid, signal.SIGKILL)
+        wait_for("the supervisor to restart the killed broker",
+                 lambda: "kafka exited; restarting" in log.read_text()
+                 and log.read_text().count("kafka      up") == 2, timeout=120)
+        assert int((tmp_path / "state" / "kafka" / "broker.pid").read_text()) != broker_pid
+        back = time.time()
+
+        def reported_since_restart() -> bool:
+            info = status_json()
+            names = {c["component"] for c in info["components"]
+                     if c["age_s"] < time.time() - back}  # a report the new broker took
+            # (the sink reports its health to its own sinks, not health.v1)
+            return (info["rc"] == 0 and {"probe", "worker"} <= names
+                    and info["metrics_endpoint_ok"])
+
+        wait_for("every component to report through the restarted broker",
+                 reported_since_restart, timeout=180, interval=2)
 
         pids = {p.stem: int(p.read_text()) for p in run.glob("*.pid")}
         pids["kafka"] = int((tmp_path / "state" / "kafka" / "broker.pid").read_text())
