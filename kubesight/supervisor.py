@@ -70,6 +70,20 @@ class Component:
             self._log.close()
 
 
+def _restart_allowed(restarts: list[float], name: str, log_path: Path) -> bool:
+    """Whether what exited may be started again: at most RESTART_LIMIT times within
+    RESTART_WINDOW_S (``restarts``, its restart times, is kept to that window and gets this
+    one). When not, says it is left down and where to look."""
+    now = time.monotonic()
+    restarts[:] = [t for t in restarts if now - t < RESTART_WINDOW_S]
+    if len(restarts) >= RESTART_LIMIT:
+        say(f"{name} exited {len(restarts)} times within {RESTART_WINDOW_S:.0f}s; leaving it "
+            f"down. See {log_path}")
+        return False
+    restarts.append(now)
+    return True
+
+
 class Supervisor:
     def __init__(self, config: Config, config_path: str | None, *, with_probe: bool = True):
         self.config = config
@@ -160,14 +174,9 @@ class Supervisor:
         broker = self.broker
         if broker is None or self._broker_given_up or broker.is_running():
             return
-        now = time.monotonic()
-        self._broker_restarts = [t for t in self._broker_restarts if now - t < RESTART_WINDOW_S]
-        if len(self._broker_restarts) >= RESTART_LIMIT:
+        if not _restart_allowed(self._broker_restarts, "kafka", broker.log_path):
             self._broker_given_up = True
-            say(f"kafka exited {len(self._broker_restarts)} times within "
-                f"{RESTART_WINDOW_S:.0f}s; leaving it down. See {broker.log_path}")
             return
-        self._broker_restarts.append(now)
         say(f"kafka exited; restarting (see {broker.log_path})")
         try:
             broker.start()
@@ -182,14 +191,9 @@ class Supervisor:
             for comp in self.components:
                 if comp.given_up or comp.proc is None or comp.proc.poll() is None:
                     continue
-                now = time.monotonic()
-                comp.restarts = [t for t in comp.restarts if now - t < RESTART_WINDOW_S]
-                if len(comp.restarts) >= RESTART_LIMIT:
+                if not _restart_allowed(comp.restarts, comp.name, comp.log_path):
                     comp.given_up = True
-                    say(f"{comp.name} exited {len(comp.restarts)} times within "
-                        f"{RESTART_WINDOW_S:.0f}s; leaving it down. See {comp.log_path}")
                     continue
-                comp.restarts.append(now)
                 say(f"{comp.name} exited with status {comp.proc.returncode}; restarting "
                     f"(see {comp.log_path})")
                 comp.start(self.env)
