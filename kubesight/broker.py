@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 
 from kubesight.config import REPO_ROOT, Config, LocalBrokerConfig
-from kubesight.process import pid_alive
+from kubesight.process import pid_alive, who_listens
 
 log = logging.getLogger(__name__)
 
@@ -123,32 +123,6 @@ def _tcp_answers(host: str, port: int, timeout: float = 0.5) -> bool:
             return True
     except OSError:
         return False
-
-
-def _who_listens(port: int) -> str:
-    """Best effort: 'pid 123 (nginx)' for the process holding a TCP listener on ``port``."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        with contextlib.suppress(OSError):
-            for line in Path(table).read_text().splitlines()[1:]:
-                parts = line.split()
-                if len(parts) <= 9 or parts[3] != "0A":  # 0A: LISTEN
-                    continue
-                if int(parts[1].rsplit(":", 1)[1], 16) == port:
-                    inodes.add(parts[9])
-    if not inodes:
-        return ""
-    targets = {f"socket:[{i}]" for i in inodes}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            for fd in (proc / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd) in targets:
-                        comm = (proc / "comm").read_text().strip()
-                        return f"pid {proc.name} ({comm})"
-    return ""
 
 
 class LocalBroker:
@@ -295,7 +269,7 @@ class LocalBroker:
         for what, port in (("kafka.local.port", self.local.port),
                            ("kafka.local.controller_port", self.local.controller_port)):
             if not _port_free(host, port):
-                who = _who_listens(port)
+                who = who_listens(port)
                 by = f" by {who}" if who else ""
                 raise BrokerError(
                     f"cannot start the local Kafka broker: port {port} on {host} ({what}) is "

@@ -173,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "sink":
         from .sinks.runner import run as run_sink
 
-        run_sink(config)
+        try:
+            run_sink(config)
+        except ConfigError as exc:  # a sink's own settings, checked as it starts
+            print(f"kubesight sink: {exc}", file=sys.stderr)
+            return 2
     elif args.command == "meta":
         from .k8smeta import MetadataConfigError
         from .k8smeta import run as run_meta

@@ -37,6 +37,32 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def who_listens(port: int) -> str:
+    """Best effort: 'pid 123 (nginx)' for the process holding a TCP listener on ``port``."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                parts = line.split()
+                if len(parts) <= 9 or parts[3] != "0A":  # 0A: LISTEN
+                    continue
+                if int(parts[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(parts[9])
+    if not inodes:
+        return ""
+    targets = {f"socket:[{i}]" for i in inodes}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (proc / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in targets:
+                        comm = (proc / "comm").read_text().strip()
+                        return f"pid {proc.name} ({comm})"
+    return ""
+
+
 def own_command() -> list[str]:
     """How to start a kubesight component: the console script next to this interpreter, so
     that it runs under the name "kubesight", which the probe excludes from its exec on (and

@@ -21,9 +21,11 @@ sketch changed since the previous scrape.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
+import os
 import socket
 import threading
 import urllib.parse
@@ -33,6 +35,8 @@ from typing import Any, ClassVar
 
 from kubesight.streams.sketch import LatencySketch
 
+from kubesight.process import who_listens
+
 from .base import (
     SERIES_LABELS,
     HealthRecord,
@@ -41,6 +45,7 @@ from .base import (
     Route,
     Sink,
     SinkConfig,
+    SinkConfigError,
     SinkHealth,
     WindowRecord,
 )
@@ -114,7 +119,14 @@ class PrometheusSink(Sink[PrometheusConfig]):
         self._closed = False
         self._routes: dict[str, Route] = {}  # other sinks' pages (``mount``), e.g. /topology
         host, port = parse_listen(config.listen)
-        self._server = _server_class(host)((host, port), _handler_for(self))
+        try:
+            self._server = _server_class(host)((host, port), _handler_for(self))
+        except OSError as exc:  # most often: the port is taken (another sink, an exporter)
+            holder = who_listens(port) if exc.errno == errno.EADDRINUSE else ""
+            raise SinkConfigError(
+                f"sinks.prometheus.listen: cannot serve on {config.listen}: "
+                f"{os.strerror(exc.errno or errno.EINVAL)}{f' (by {holder})' if holder else ''};"
+                " stop that process or choose another address") from exc
         self._thread = threading.Thread(
             target=self._server.serve_forever, name=f"prometheus-sink:{port}", daemon=True
         )

@@ -140,3 +140,19 @@ def test_healthz_and_close_frees_the_port() -> None:
         urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5)
     # A restarted sink can listen on the same port again.
     PrometheusSink(PrometheusConfig(listen=f"{host}:{port}")).close()
+
+
+def test_a_taken_listen_address_names_the_key_and_its_holder() -> None:
+    import os
+    import socket
+
+    from kubesight.sinks.base import SinkConfigError
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        with pytest.raises(SinkConfigError, match=(
+                rf"sinks\.prometheus\.listen: cannot serve on 127\.0\.0\.1:{port}: Address "
+                rf"already in use \(by pid {os.getpid()} \(")):
+            PrometheusSink(PrometheusConfig(listen=f"127.0.0.1:{port}"))
