@@ -149,6 +149,8 @@ class Supervisor:
             say(f"topics     ready ({self.config.kafka.topic_prefix}*; "
                 f"{len(created)} created)")
             for comp in self.components:
+                if self._stop.is_set():  # Ctrl-C while starting: start nothing more
+                    return 0
                 comp.start(self.env)
                 say(f"{comp.name:<10} up    pid {comp.proc.pid if comp.proc else '?'}, "
                     f"log {comp.log_path}")
