@@ -124,6 +124,13 @@ class Supervisor:
         from .topics import ensure_topics
 
         run_dir = self.state / "run"
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"kubesight: cannot use {self.state} as the state directory: "
+                  f"{exc.strerror}: {exc.filename}. Set state_dir (KUBESIGHT_STATE_DIR) to a "
+                  "directory this user can write", file=sys.stderr)
+            return 2
         self._lock = take_lock(run_dir / "supervisor.lock")
         if self._lock is None:
             holder = pid_in(run_dir / "supervisor.pid")
