@@ -244,6 +244,19 @@ class SinkRunner:
                 sink.write_health([record])
             except Exception as exc:
                 log.warning("sink health write failed: %s", exc)
+        # And on health.v1 with every other component's, where `kubesight status` reads them
+        # (it came back here too: writing it again sets the same values).
+        try:
+            self._producer.produce(self._health, key=f"{self.config.node_name}/sink",
+                                   value=msgpack.packb(record), on_delivery=self._health_sent)
+        except (BufferError, KafkaException) as exc:
+            self.counters["health_publish_errors"] += 1
+            log.warning("producing the sink's health failed: %s", exc)
+        self._producer.poll(0)
+
+    def _health_sent(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self.counters["health_publish_errors"] += 1
 
 
 def run(config: Config) -> None:

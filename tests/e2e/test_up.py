@@ -143,8 +143,7 @@ def test_up_status_and_ctrl_c(tmp_path: Path) -> None:
             info = status_json()
             names = {c["component"] for c in info["components"]
                      if c["age_s"] < time.time() - back}  # a report the new broker took
-            # (the sink reports its health to its own sinks, not health.v1)
-            return (info["rc"] == 0 and {"probe", "worker"} <= names
+            return (info["rc"] == 0 and {"probe", "worker", "sink"} <= names
                     and info["metrics_endpoint_ok"])
 
         wait_for("every component to report through the restarted broker",
