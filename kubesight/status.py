@@ -14,11 +14,12 @@ import urllib.request
 from typing import Any
 
 import msgpack
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from .config import Config
 from .logs import RdkafkaLog
 from .process import pid_alive
+from .topics import err_name
 
 TAIL = 200  # messages read back per partition of health.v1
 STALE_S = 30.0
@@ -103,20 +104,13 @@ def _metrics_ok(config: Config) -> bool | None:
         return False
 
 
-def _kafka_reason(exc: KafkaException) -> str:
-    """What a failed metadata request says, without librdkafka's wrapping."""
-    err = exc.args[0] if exc.args else None
-    text = err.str() if isinstance(err, KafkaError) else str(exc)
-    return text or type(exc).__name__
-
-
 def collect(config: Config) -> dict[str, Any]:
     procs = _processes(config)
     broker_error = None
     try:
         reports = _health_reports(config)
     except KafkaException as exc:
-        reports, broker_error = {}, _kafka_reason(exc)
+        reports, broker_error = {}, err_name(exc)[2] or type(exc).__name__
     broker_ok = broker_error is None
     now = time.time()
     components = []

@@ -140,7 +140,7 @@ _RETRIABLE = {
 }
 
 
-def _err_name(exc: BaseException) -> tuple[str, bool, str]:
+def err_name(exc: BaseException) -> tuple[str, bool, str]:
     """(error name, retriable, text) of a confluent-kafka exception."""
     from confluent_kafka import KafkaException
 
@@ -180,7 +180,7 @@ def ensure_topics(config: Config, timeout: float = 30,
         try:
             existing = set(admin.list_topics(timeout=min(5.0, max(0.5, remaining))).topics)
         except KafkaException as exc:
-            name, _, text = _err_name(exc)
+            name, _, text = err_name(exc)
             last = f"listing topics failed: {name}: {text}"
             admin.poll(0)  # its log lines (RdkafkaLog) come out when it is polled
             time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
@@ -204,7 +204,7 @@ def ensure_topics(config: Config, timeout: float = 30,
             try:
                 fut.result()
             except KafkaException as exc:
-                name, retriable, text = _err_name(exc)
+                name, retriable, text = err_name(exc)
                 if name == "TOPIC_ALREADY_EXISTS":
                     wanted.pop(full, None)
                     continue
@@ -258,8 +258,7 @@ def _wait_leaders(admin: AdminClient, names: list[str], deadline: float,
 WAIT_LOG_S = 30.0  # how often wait_for_cluster says it is still waiting
 
 
-def wait_for_cluster(config: Config, stopped: Callable[[], bool], interval: float = 2.0,
-                     sleep: Callable[[float], object] = time.sleep) -> bool:
+def wait_for_cluster(config: Config, stopped: Callable[[], bool]) -> bool:
     """Block until the cluster answers a metadata request (True), or ``stopped()`` (False).
     Says what it waits for and why at once, then every WAIT_LOG_S: a component started
     before its broker (a pod scheduled before Kafka's) waits rather than crash-looping."""
@@ -271,16 +270,16 @@ def wait_for_cluster(config: Config, stopped: Callable[[], bool], interval: floa
     said = -WAIT_LOG_S
     while not stopped():
         try:
-            admin.list_topics(timeout=min(interval, 1.0))  # a signal waits for it
+            admin.list_topics(timeout=1.0)  # short: a signal waits for it
         except KafkaException as exc:
             waited = time.monotonic() - start
             if waited - said >= WAIT_LOG_S:
-                name, _, text = _err_name(exc)
+                name, _, text = err_name(exc)
                 log.warning("waiting for Kafka at %s (%s: %s)%s", config.kafka.bootstrap,
                             name, text, f"; {waited:.0f}s so far" if waited >= 1 else "")
                 said = waited
             admin.poll(0)
-            sleep(min(interval, 0.5))
+            time.sleep(0.5)
             continue
         if time.monotonic() - start >= 1:
             log.info("Kafka at %s answers after %.0fs", config.kafka.bootstrap,
@@ -296,7 +295,7 @@ def describe(config: Config, timeout: float = 10) -> dict[str, int]:
     try:
         md = _admin(config).list_topics(timeout=timeout)
     except KafkaException as exc:
-        name, _, text = _err_name(exc)
+        name, _, text = err_name(exc)
         raise TopicError(f"cannot list topics on {config.kafka.bootstrap}: {name}: {text}") from exc
     out: dict[str, int] = {}
     for s in TOPICS:
